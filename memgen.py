@@ -1,0 +1,415 @@
+"""
+memgen.py: MemGen (arXiv 2509.24704) on one base model: reasoner, memory weaver and memory trigger.
+
+    reasoner = the frozen base model, no adapter           (paper §3: the frozen reasoning policy pi_theta)
+    weaver   = the base model + the "weaver" LoRA           (paper §3.2, the memory weaver)
+    trigger  = the base model + the "trigger" LoRA + Linear(hidden, 2) on the last hidden state  (paper §3.3)
+
+One problem's journey through this file (see generate()):
+  1. the prompt runs through the reasoner (prefill) and the weaver (prefill of its own cache);
+  2. at the end of the prompt, and after every completion token whose text ends with "," "." or "\\n" (at most
+     N times in a completion), the trigger may decide to insert memory (mode "always" inserts every time);
+  3. the weaver reads the sequence so far (token embeddings and earlier latents mapped by reasoner_to_weaver) with
+     K learned queries appended; its last-layer hidden states at the queries, mapped by weaver_to_reasoner, are K
+     latent vectors, which the reasoner reads as if they were tokens (inputs_embeds) at the next position ids;
+  4. the reasoner samples the next token from the logits after the last latent. Latents are never sampled and
+     never get a loss.
+
+Speed: every model call here is cached and batched. The weaver keeps a KV cache over the sequence, so an
+insertion feeds only the tokens since its last call plus K queries, then drops the query slots again (the official
+code re-runs the weaver over the whole prefix each time). Calls are made for the rows that need them only.
+"""
+import json
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import lora
+from model import KVCache, ModelError, check_prompts, left_pad, sample
+
+K = 8  # latents per insertion (the paper's default for both the prompt and the inference insertions)
+N = 3  # at most N inference insertions per completion (plus the one at the end of the prompt)
+DELIMITERS = (",", ".", "\n")  # an insertion point follows a token whose text ends with one of these
+TRIGGER_MODES = ("always", "learned", "random", "off")
+TRIGGER_MODE = "always"  # the official default: insert at every allowed point
+TRIGGER_THRESHOLD = 0.5  # "learned" without sampling inserts when p(insert) >= this
+
+
+class MemGen(nn.Module):
+    """The trainable parts of MemGen around one base model. The base is frozen; LoRA adapters live inside it."""
+
+    def __init__(self, model, tokenizer, k=K, n=N, mode=TRIGGER_MODE, rank=lora.RANK, alpha=lora.ALPHA,
+                 dropout=lora.DROPOUT, targets=lora.TARGETS):
+        super().__init__()
+        if mode not in TRIGGER_MODES:
+            raise ModelError(f"unknown trigger mode {mode!r}: use one of {', '.join(TRIGGER_MODES)}")
+        self.model, self.k, self.n, self.mode = model, k, n, mode
+        if "weaver" not in getattr(model, "lora_meta", {}):
+            lora.inject(model, ["weaver", "trigger"], targets, rank, alpha, dropout)
+        D, dev = model.cfg.hidden_size, model.device
+        # §3.2: K learned query vectors per insertion type, LayerNorm x a learned scale, and linear maps between
+        # the reasoner's and the weaver's embedding spaces (the same model here, but kept as in the paper so a
+        # different weaver could be plugged in). Kept in float32: they are trained.
+        w = self.weaver = nn.Module()
+        w.prompt_queries = nn.Parameter(torch.randn(k, D, device=dev))
+        w.inference_queries = nn.Parameter(torch.randn(k, D, device=dev))
+        w.prompt_ln, w.inference_ln = nn.LayerNorm(D, device=dev), nn.LayerNorm(D, device=dev)
+        w.prompt_scale = nn.Parameter(torch.ones(1, device=dev))
+        w.inference_scale = nn.Parameter(torch.ones(1, device=dev))
+        w.reasoner_to_weaver = nn.Linear(D, D, device=dev)
+        w.weaver_to_reasoner = nn.Linear(D, D, device=dev)
+        # §3.3: the trigger's 2-way head (0 = skip, 1 = insert) on its last hidden state
+        self.trigger = nn.Module()
+        self.trigger.head = nn.Linear(D, 2, device=dev)
+        self.register_buffer("is_delim", delimiter_table(tokenizer, model.cfg.vocab_size).to(dev), persistent=False)
+
+    def trainable(self, part):
+        """{name: parameter} of one part: "weaver" (LoRA + queries, norms, scales, maps) or "trigger"."""
+        extra = self.weaver if part == "weaver" else self.trigger
+        return dict(lora.parameters(self.model, part), **{f"{part}.{k}": p for k, p in extra.named_parameters()})
+
+    def count(self):
+        return {part: sum(p.numel() for p in self.trainable(part).values()) for part in ("weaver", "trigger")}
+
+    def queries(self, is_prompt):
+        """(B,) bool -> (B, K, D): the normalised, scaled queries of each row's insertion type."""
+        w = self.weaver
+        p = w.prompt_ln(w.prompt_queries) * w.prompt_scale
+        i = w.inference_ln(w.inference_queries) * w.inference_scale
+        return torch.where(is_prompt[:, None, None], p, i)
+
+
+def delimiter_table(tokenizer, vocab_size):
+    """(V,) bool: does token v's text end with a delimiter? Computed once, so decoding does no string work."""
+    ends = tuple(d.encode() for d in DELIMITERS)
+    table = torch.zeros(vocab_size, dtype=torch.bool)
+    special = set(tokenizer.special_ids)
+    for v in range(min(vocab_size, tokenizer.vocab_size)):
+        if v not in special:
+            try:
+                table[v] = tokenizer.token_bytes(v).endswith(ends)
+            except KeyError:  # an id the vocabulary does not use
+                pass
+    return table
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The weaver: one cached call per insertion
+
+
+def weave(mg, cache, new_embeds, new_mask, is_prompt, rows=None):
+    """
+    Feed the weaver what it has not seen yet (reasoner-space embeddings: earlier latents and tokens, (B', S, D),
+    padding marked False in new_mask) followed by the K queries; return the K latents (B', K, D) in reasoner space.
+    The query slots are dropped from the cache afterwards: later insertions must not see earlier queries.
+    """
+    model, dtype = mg.model, mg.model.dtype
+    w = mg.weaver
+    x = w.reasoner_to_weaver(new_embeds.float()) if new_embeds.shape[1] else new_embeds.float()
+    x = torch.cat([x, mg.queries(is_prompt)], 1).to(dtype)
+    mask = torch.cat([new_mask, torch.ones(len(x), mg.k, dtype=torch.bool, device=x.device)], 1)
+    with lora.use(model, "weaver"):
+        _, h = model(inputs_embeds=x, mask=mask, cache=cache, rows=rows, logits="none")
+    cache.rollback(mg.k, rows)
+    return w.weaver_to_reasoner(h[:, -mg.k:].float()).to(dtype)
+
+
+def trigger_probs(mg, hidden):
+    """Trigger hidden states -> p(insert)."""
+    return torch.softmax(mg.trigger.head(hidden.float()), -1)[..., 1]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training forward: teacher-forced sequences with latents inserted at given points
+
+
+def insertion_points(mg, ids, mask, prompt_len, n=None):
+    """
+    The training insertion points (mode "always"): before the first completion token, and after each of the first
+    n completion tokens that end with a delimiter and are followed by another token. Returns (B, n+1) token
+    indices, sorted, -1 where a row has fewer points. Latents are inserted *before* the token at each index.
+    """
+    n = mg.n if n is None else n
+    B, T = ids.shape
+    t = torch.arange(T, device=ids.device)
+    after = torch.zeros_like(mask)
+    # point i is allowed when token i-1 is a delimiter inside the completion and token i exists
+    after[:, 1:] = mg.is_delim[ids[:, :-1]] & (t[None, :-1] >= prompt_len[:, None]) & mask[:, 1:]
+    rank = after.long().cumsum(1)
+    after &= rank <= n
+    points = torch.full((B, n + 1), -1, dtype=torch.long, device=ids.device)
+    points[:, 0] = prompt_len
+    idx = torch.where(after, t, T)  # the first n allowed points, in order
+    first = idx.sort(1).values[:, :n]
+    points[:, 1:1 + first.shape[1]] = torch.where(first < T, first, -1)
+    return points
+
+
+def forward(mg, ids, mask, prompt_len, points):
+    """
+    The batched, cached training forward (paper §3.2, teacher forcing).
+    ids, mask (B, T): prompt + completion tokens, right-padded. prompt_len (B,). points (B, J): token indices to
+    insert latents before (sorted, -1 = none); a point equal to prompt_len is the prompt insertion.
+    Returns hidden (B, T, D): hidden[:, t] is the reasoner's state that predicts token t+1 - the slot right before
+    token t+1, which is the last latent when latents were inserted there. Logits: mg.model.head(hidden).
+
+    The weaver runs once per insertion *round* j for all rows together, each row feeding its own new segment
+    (latents of round j-1 + tokens since its previous point, padded) into a growing KV cache. Then the reasoner
+    runs once over the assembled sequences.
+    """
+    model, k = mg.model, mg.k
+    B, T = ids.shape
+    D, dev = model.cfg.hidden_size, ids.device
+    embeds = model.embed(ids)
+    has = points >= 0
+    J = points.shape[1]
+    latents = []
+    if J and has.any():
+        cache = KVCache(model.cfg, B, device=dev, dtype=model.dtype)  # growing: autograd-friendly
+        prev = torch.zeros(B, dtype=torch.long, device=dev)
+        prev_lat = torch.zeros(B, 0, D, dtype=model.dtype, device=dev)
+        prev_has = torch.zeros(B, dtype=torch.bool, device=dev)
+        for j in range(J):
+            p = torch.where(has[:, j], points[:, j], prev)
+            S = int((p - prev).max())
+            idx = prev[:, None] + torch.arange(S, device=dev)
+            seg_mask = idx < p[:, None]
+            seg = embeds.gather(1, idx.clamp(max=T - 1)[..., None].expand(-1, -1, D))
+            lat_mask = prev_has[:, None].expand(-1, prev_lat.shape[1])
+            new = torch.cat([prev_lat, seg], 1)
+            lat = weave(mg, cache, new, torch.cat([lat_mask, seg_mask], 1), p == prompt_len)
+            latents.append(lat)
+            prev, prev_lat, prev_has = p, lat, has[:, j]
+    # assemble the reasoner's sequence by one gather: token t of row b moves right by K per point <= t
+    n_before = (has[:, None, :] & (points[:, None, :] <= torch.arange(T, device=dev)[None, :, None])).sum(-1)
+    tok_slot = torch.arange(T, device=dev)[None] + k * n_before  # (B, T)
+    lengths = mask.sum(1)
+    total = lengths + k * has.sum(1)
+    S = int(total.max())
+    # one spare slot per point keeps the padding tokens' slots in range; they are cut off below
+    src_index = torch.zeros(B, T + k * J, dtype=torch.long, device=dev)
+    src_index.scatter_(1, tok_slot, torch.arange(T, device=dev).expand(B, T))
+    if latents:
+        lat_slot = points + k * torch.arange(J, device=dev)  # the block of point j starts here
+        lat_slot = lat_slot[:, :, None] + torch.arange(k, device=dev)  # (B, J, K)
+        lat_src = T + torch.arange(J * k, device=dev).view(J, k).expand(B, J, k)
+        keep = has[:, :, None].expand(-1, -1, k)
+        src_index[torch.arange(B, device=dev)[:, None, None].expand(B, J, k)[keep], lat_slot[keep]] = lat_src[keep]
+        src = torch.cat([embeds] + latents, 1)
+    else:
+        src = embeds
+    src_index = src_index[:, :S]
+    aug = src.gather(1, src_index[..., None].expand(-1, -1, D))
+    aug_mask = torch.arange(S, device=dev)[None] < total[:, None]
+    with lora.use(model, None):
+        _, h = model(inputs_embeds=aug, mask=aug_mask)
+    pred_slot = torch.cat([tok_slot[:, 1:] - 1, tok_slot[:, -1:]], 1).clamp(max=S - 1)
+    return h.gather(1, pred_slot[..., None].expand(-1, -1, D))
+
+
+def trigger_forward(mg, ids, mask):
+    """The trigger reads the token sequence only (no latents): (B, T) -> p(insert) after each token, (B, T)."""
+    with lora.use(mg.model, "trigger"):
+        _, h = mg.model(ids, mask=mask, logits="none")
+    return trigger_probs(mg, h)
+
+
+def batch(prompts, completions, pad_id, device):
+    """Right-padded prompt+completion ids, their mask and the prompt lengths."""
+    seqs = [list(p) + list(c) for p, c in zip(prompts, completions)]
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T, dtype=torch.bool)
+    for b, s in enumerate(seqs):
+        ids[b, :len(s)] = torch.tensor(s)
+        mask[b, :len(s)] = True
+    prompt_len = torch.tensor([len(p) for p in prompts])
+    return ids.to(device), mask.to(device), prompt_len.to(device)
+
+
+def logprobs(mg, prompts, completions, insertions, decisions=None, pad_id=0):
+    """
+    The RL log-prob API. prompts/completions: id lists (completions as sampled, EOS included when it was sampled).
+    insertions: per row, the completion indices where latents were inserted (0 = end of prompt), as recorded by
+    generate(). decisions: per row, (completion index, 0/1) trigger decisions, for the trigger's log-probs.
+    Returns (token log-probs (B, Tc) under MemGen with gradients reaching the weaver through the latents,
+    completion mask (B, Tc), decision log-probs (B, M) and their mask, or None without decisions).
+    """
+    dev = mg.model.device
+    ids, mask, prompt_len = batch(prompts, completions, pad_id, dev)
+    J = max([len(i) for i in insertions] + [0])
+    points = torch.full((len(prompts), J), -1, dtype=torch.long)
+    for b, ins in enumerate(insertions):
+        points[b, :len(ins)] = torch.tensor(sorted(ins)) + len(prompts[b])
+    h = forward(mg, ids, mask, prompt_len, points.to(dev))
+    Tc = max(len(c) for c in completions)
+    # token t of the completion (sequence index prompt_len + t) is predicted by hidden[prompt_len + t - 1]
+    pos = (prompt_len[:, None] - 1 + torch.arange(Tc, device=dev)).clamp(max=ids.shape[1] - 2)
+    comp_mask = torch.arange(Tc, device=dev)[None] < torch.tensor([len(c) for c in completions], device=dev)[:, None]
+    hs = h.gather(1, pos[..., None].expand(-1, -1, h.shape[-1]))
+    targets = ids.gather(1, pos + 1)
+    logp = torch.log_softmax(mg.model.head(hs).float(), -1).gather(-1, targets[..., None]).squeeze(-1)
+    logp = logp * comp_mask
+    if decisions is None:
+        return logp, comp_mask, None, None
+    M = max([len(d) for d in decisions] + [1])
+    at = torch.zeros(len(prompts), M, dtype=torch.long, device=dev)
+    act = torch.zeros(len(prompts), M, device=dev)
+    dmask = torch.zeros(len(prompts), M, dtype=torch.bool, device=dev)
+    for b, ds in enumerate(decisions):
+        for m, (i, d) in enumerate(ds):
+            at[b, m], act[b, m], dmask[b, m] = len(prompts[b]) + i - 1, float(d), True
+    p = trigger_forward(mg, ids, mask).gather(1, at).clamp(1e-6, 1 - 1e-6)
+    dlogp = (act * p.log() + (1 - act) * (1 - p).log()) * dmask
+    return logp, comp_mask, dlogp, dmask
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Decoding
+
+
+@torch.no_grad()
+def generate(mg, tokenizer, prompts, max_new_tokens=256, temperature=0.0, top_p=1.0, seed=0, mode=None,
+             trigger_sample=False):
+    """
+    Batched MemGen decoding with KV caches for the reasoner, the weaver and the trigger.
+    prompts: id lists (Tokenizer.chat) or strings. mode: trigger mode (default mg.mode). trigger_sample: in mode
+    "learned", sample the trigger's decision (RL) instead of thresholding it.
+    Returns one dict per row: ids (completion ids, EOS included when sampled), text (EOS excluded), logprobs (of
+    each sampled token, from the raw logits), insertions (completion indices where latents went in, 0 = end of
+    prompt), decisions (completion index, p(insert), 0/1) at every point the trigger was asked.
+    """
+    mode = mg.mode if mode is None else mode
+    if mode not in TRIGGER_MODES:
+        raise ModelError(f"unknown trigger mode {mode!r}: use one of {', '.join(TRIGGER_MODES)}")
+    model, k, dev = mg.model, mg.k, mg.model.device
+    prompts = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+    max_new_tokens = check_prompts(model, prompts, max_new_tokens)
+    ids, pmask = left_pad(prompts, tokenizer.pad_id, dev)
+    B, P = ids.shape
+    cfg, dtype = model.cfg, model.dtype
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    eos = torch.tensor(tokenizer.eos_ids, device=dev)
+    slots = P + max_new_tokens + k * (mg.n + 1)
+    R = KVCache(cfg, B, slots, dev, dtype)  # reasoner: tokens and latents
+    W = KVCache(cfg, B, slots + k, dev, dtype) if mode != "off" else None  # weaver: tokens, latents, K queries
+    G = KVCache(cfg, B, P + max_new_tokens, dev, dtype) if mode == "learned" else None  # trigger: tokens only
+    out = torch.full((B, max_new_tokens), tokenizer.pad_id, dtype=torch.long, device=dev)
+    logps = torch.zeros(B, max_new_tokens, device=dev)
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    n_ins = torch.zeros(B, dtype=torch.long, device=dev)
+    w_seen = torch.zeros(B, dtype=torch.long, device=dev)  # completion tokens the weaver has read, per row
+    g_seen = torch.zeros(B, dtype=torch.long, device=dev)  # ... and the trigger
+    pending = torch.zeros(B, k, cfg.hidden_size, dtype=dtype, device=dev)  # latents the weaver has not read yet
+    has_pending = torch.zeros(B, dtype=torch.bool, device=dev)
+    insertions = [[] for _ in range(B)]
+    decisions = [[] for _ in range(B)]
+
+    logits, _ = model(ids, mask=pmask, cache=R, logits="last")  # 1. reasoner prefill
+    next_logits = logits[:, -1].float()
+    g_hidden = None
+    if W is not None:  # the weaver reads the prompt once; every later call only feeds what is new
+        with lora.use(model, "weaver"):
+            x = mg.weaver.reasoner_to_weaver(model.embed(ids).float()).to(dtype)
+            model(inputs_embeds=x, mask=pmask, cache=W, logits="none")
+    if G is not None:
+        with lora.use(model, "trigger"):
+            _, g_hidden = model(ids, mask=pmask, cache=G, logits="none")
+        g_hidden = g_hidden[:, -1]
+
+    def insert(cand, t):
+        """2-4 for the rows in `cand` at completion index t: ask the trigger, run the weaver, feed the latents."""
+        rows = cand.nonzero().squeeze(1)
+        if mode == "always":
+            fire = torch.ones(len(rows), dtype=torch.bool, device=dev)
+        elif mode == "random":  # the paper's ablation: insert with p = 0.5
+            fire = torch.rand(len(rows), generator=gen, device=dev) < 0.5
+        else:
+            if t > 0:  # catch the trigger's cache up over the tokens since its last call
+                seg, seg_mask = new_tokens(rows, g_seen, t)
+                with lora.use(model, "trigger"):
+                    _, h = model(seg, mask=seg_mask, cache=G, rows=rows, logits="none")
+                last = seg_mask.long().cumsum(1).argmax(1)  # the last real slot of each row
+                hid = h[torch.arange(len(rows), device=dev), last]
+                g_seen[rows] = t
+            else:
+                hid = g_hidden[rows]
+            p = trigger_probs(mg, hid)
+            fire = (torch.rand(len(rows), generator=gen, device=dev) < p) if trigger_sample else p >= TRIGGER_THRESHOLD
+            for r, pr, f in zip(rows.tolist(), p.tolist(), fire.tolist()):
+                decisions[r].append((t, pr, int(f)))
+        rows = rows[fire]
+        if len(rows) == 0:
+            return
+        for r in rows.tolist():
+            insertions[r].append(t)
+        # the weaver's new input: latents of the row's previous insertion, then its tokens since then
+        seg, seg_mask = new_tokens(rows, w_seen, t)
+        new = torch.cat([pending[rows], model.embed(seg)], 1)
+        new_mask = torch.cat([has_pending[rows, None].expand(-1, k), seg_mask], 1)
+        lat = weave(mg, W, new, new_mask, torch.full((len(rows),), t == 0, device=dev), rows)
+        w_seen[rows] = t
+        pending[rows], has_pending[rows] = lat, True
+        logits, _ = model(inputs_embeds=lat, cache=R, rows=rows, logits="last")  # the reasoner reads the latents
+        next_logits[rows] = logits[:, -1].float()
+        if t > 0:
+            n_ins[rows] += 1
+
+    def new_tokens(rows, seen, t):
+        """Completion tokens [seen[r], t) of each row, right-padded, and their mask."""
+        start = seen[rows]
+        S = max(int((t - start).max()), 0)
+        idx = start[:, None] + torch.arange(S, device=dev)
+        return out[rows[:, None], idx.clamp(max=max(t - 1, 0))], idx < t
+
+    if mode != "off":
+        insert(torch.ones(B, dtype=torch.bool, device=dev), 0)  # 2. the end of the prompt
+    for t in range(max_new_tokens):
+        tok = sample(next_logits, temperature, top_p, gen)  # 4. never from a latent: logits follow the last slot
+        tok = torch.where(done, tokenizer.pad_id, tok)
+        logps[:, t] = torch.log_softmax(next_logits, -1).gather(1, tok[:, None]).squeeze(1)
+        out[:, t] = tok
+        done = done | torch.isin(tok, eos)
+        if t == max_new_tokens - 1 or bool(done.all()):
+            break
+        logits, _ = model(tok[:, None], cache=R, mask=~done[:, None], logits="last")
+        next_logits = logits[:, -1].float()
+        if mode != "off":
+            cand = mg.is_delim[tok] & ~done & (n_ins < mg.n)  # 2. a sentence boundary, and insertions left
+            if bool(cand.any()):
+                insert(cand, t + 1)
+
+    results = []
+    eos_set = set(tokenizer.eos_ids)
+    for b, row in enumerate(out.tolist()):
+        cut = next((i + 1 for i, x in enumerate(row) if x in eos_set), len(row))
+        ids_b = row[:cut]
+        text_ids = ids_b[:-1] if ids_b and ids_b[-1] in eos_set else ids_b
+        results.append(dict(ids=ids_b, text=tokenizer.decode(text_ids), logprobs=logps[b, :cut].tolist(),
+                            insertions=insertions[b], decisions=decisions[b]))
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Saving and loading the trained parts
+
+
+def modules(mg, part):
+    """The non-LoRA trainable tensors of a part (queries, norms, maps / the trigger head)."""
+    return {k: v for k, v in mg.trainable(part).items() if ".lora_A." not in k and ".lora_B." not in k}
+
+
+def save(mg, path, parts=("weaver", "trigger")):
+    """{path}/weaver.safetensors (+json), {path}/trigger.safetensors (+json): each adapter with its modules."""
+    for part in parts:
+        extra = modules(mg, part)
+        lora.save_adapter(mg.model, part, path, extra=extra, meta={"k": mg.k, "n": mg.n})
+
+
+def load(mg, path, parts=("weaver", "trigger")):
+    for part in parts:
+        info = lora.load_adapter(mg.model, part, path, extra=modules(mg, part))
+        if info.get("k", mg.k) != mg.k:
+            raise ModelError(f"{path}/{part}.json was trained with K={info['k']} latents, this MemGen has K={mg.k}")

@@ -1,0 +1,517 @@
+"""
+model.py: the reasoner. A from-scratch Qwen2 / Llama decoder that loads Hugging-Face safetensors folders,
+a preallocated KV cache with per-row validity masks, batched sampling, and a tiktoken-based tokenizer.
+
+Read top to bottom:
+  1. Config          - what we read from config.json
+  2. Transformer     - RMSNorm, rotary embeddings, GQA attention, SwiGLU MLP; module names mirror the HF checkpoint
+  3. KVCache         - one slot counter shared by all rows + a (batch, slots) "valid" mask, so rows may hold
+                       different numbers of real positions (padding, or latents inserted in some rows only)
+  4. load_model      - meta-device construction + safetensors with assign=True (never two copies in memory)
+  5. generate        - prefill once, then one token per step from the cache
+  6. Tokenizer       - byte-level BPE on tiktoken, ChatML rendering
+"""
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------------------------------
+# 1. Config
+
+ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama"}
+
+
+class ModelError(ValueError):
+    """A bad model folder or a bad argument: the message says what and what to do."""
+
+
+@dataclass
+class Config:
+    arch: str  # "qwen2" or "llama"
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int  # < num_heads means grouped-query attention
+    head_dim: int
+    intermediate_size: int
+    rope_theta: float
+    rms_eps: float
+    tie_word_embeddings: bool
+    qkv_bias: bool  # Qwen2 has biases on q/k/v, Llama does not
+    max_positions: int
+    name: str = ""  # the model's folder name, recorded in adapter files
+
+
+def read_config(path):
+    file = os.path.join(path, "config.json")
+    if not os.path.isfile(file):
+        raise ModelError(f"{file} not found: --model must be a Hugging Face model folder holding config.json")
+    try:
+        with open(file) as f:
+            c = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{file} is not valid JSON ({e})") from None
+
+    def need(key):
+        if key not in c:
+            raise ModelError(f"{file} has no '{key}', which this model needs")
+        return c[key]
+
+    archs = need("architectures")
+    arch = next((ARCHITECTURES[a] for a in archs if a in ARCHITECTURES), None)
+    if arch is None:
+        raise ModelError(f"{file}: architecture {archs} is not supported (supported: {', '.join(ARCHITECTURES)})")
+    # transformers >= 5 writes rope_theta inside rope_parameters; older configs keep it at the top level
+    rope = c.get("rope_parameters") or {}
+    rope_theta = c.get("rope_theta", rope.get("rope_theta"))
+    if rope_theta is None:
+        raise ModelError(f"{file} has no 'rope_theta', which this model needs")
+    scaling = c.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+    if scaling:
+        raise ModelError(f"{file}: rope scaling {scaling} is not supported; only plain rotary embeddings are")
+    if c.get("use_sliding_window"):
+        raise ModelError(f"{file}: use_sliding_window=true is not supported")
+    heads = need("num_attention_heads")
+    return Config(
+        arch=arch,
+        vocab_size=need("vocab_size"),
+        hidden_size=need("hidden_size"),
+        num_layers=need("num_hidden_layers"),
+        num_heads=heads,
+        num_kv_heads=c.get("num_key_value_heads") or heads,
+        head_dim=c.get("head_dim") or need("hidden_size") // heads,
+        intermediate_size=need("intermediate_size"),
+        rope_theta=float(rope_theta),
+        rms_eps=need("rms_norm_eps"),
+        tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
+        qkv_bias=True if arch == "qwen2" else bool(c.get("attention_bias", False)),
+        max_positions=need("max_position_embeddings"),
+        name=os.path.basename(os.path.normpath(path)),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2. Transformer
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        # normalise in float32 as the reference does, then scale in the model's dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope(x, cos, sin):
+    """Rotary embedding in the 'rotate half' layout of HF checkpoints. x: (B, heads, T, hd); cos/sin: (B, 1, T, hd)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.nh, self.nkv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.nh * self.hd, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.nh * self.hd, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache, layer):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.nh, self.hd).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)
+        q, k = rope(q, cos, sin), rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # all slots so far, this step's included
+        # an explicit boolean mask (True = may attend); never is_causal, which is wrong once a cache is non-empty
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.nkv != self.nh)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache, layer):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.model = nn.Module()  # the checkpoint's "model." prefix
+        self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.model.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
+        # tied models reuse the embedding matrix as the output head, so their checkpoints hold no lm_head.weight
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.init_rope()
+
+    def init_rope(self, device=None):
+        # a non-persistent buffer: not in the checkpoint, rebuilt after loading onto the meta device
+        hd = self.cfg.head_dim
+        inv_freq = 1.0 / (self.cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32, device=device) / hd))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    @property
+    def device(self):
+        return self.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self):
+        return self.model.embed_tokens.weight.dtype
+
+    def embed(self, input_ids):
+        return self.model.embed_tokens(input_ids)
+
+    def head(self, h):
+        """Final hidden states -> vocabulary logits."""
+        w = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(h, w)
+
+    def forward(self, input_ids=None, inputs_embeds=None, positions=None, cache=None, mask=None, logits="all",
+                rows=None):
+        """
+        input_ids (B, T) or inputs_embeds (B, T, D): the new positions (MemGen feeds latents through inputs_embeds).
+        mask (B, T) bool: which new positions are real (False = padding or an unused slot); default all real.
+        positions (B, T): rotary position ids; by default each row continues from its own count of real positions.
+        cache: a KVCache, extended in place by these T slots.
+        rows (B,) long: which rows of the cache these B inputs belong to (default: all of them, in order).
+        logits: "all", "last" (only the final slot, enough for sampling) or "none".
+        Returns (logits or None, last hidden state after the final norm (B, T, D)).
+        """
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        B, T, _ = x.shape
+        if mask is None:
+            mask = torch.ones(B, T, dtype=torch.bool, device=x.device)
+        if cache is None:
+            # a throwaway growing cache makes the uncached forward the same code path as the cached one
+            cache = KVCache(self.cfg, B, device=x.device, dtype=x.dtype)
+        if positions is None:
+            start = cache.next_pos if rows is None else cache.next_pos[rows]
+            positions = (start[:, None] + mask.long().cumsum(1) - 1).clamp(min=0)
+        attn_mask = cache.begin(mask, rows)  # (B, 1, T, slots)
+
+        freqs = positions[..., None].float() * self.inv_freq  # rotary angles in float32, as the reference
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        for i, block in enumerate(self.model.layers):
+            x = block(x, cos, sin, attn_mask, cache, i)
+        cache.end(mask)
+        h = self.model.norm(x)
+        if logits == "none":
+            return None, h
+        return self.head(h[:, -1:] if logits == "last" else h), h
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3. KV cache
+
+
+class KVCache:
+    """
+    Keys and values of every layer for `batch` rows, with per-row bookkeeping:
+      lens[b]      slots row b has used (rows may differ: a row that inserts K latents moves on by K, the others
+                   do not),
+      valid[b, s]  whether slot s of row b holds a real position (False for padding),
+      next_pos[b]  the rotary position id of row b's next real position.
+    A forward call may touch only some rows (`rows=`): MemGen runs the weaver, the trigger and a latent insertion
+    for just the rows that need them, and the other rows pay nothing.
+
+    With max_len the storage is preallocated (fast decoding, no grad). Without it, every call appends to all rows
+    by concatenation, which autograd needs (writing in place into a tensor that an earlier step read would break
+    backward); MemGen's training forward uses that mode.
+    """
+
+    def __init__(self, cfg, batch, max_len=None, device="cpu", dtype=torch.float32):
+        self.max_len = max_len
+        shape = (batch, cfg.num_kv_heads, max_len or 0, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
+        self.valid = torch.zeros(batch, max_len or 0, dtype=torch.bool, device=device)
+        self.lens = torch.zeros(batch, dtype=torch.long, device=device)
+        self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)
+        self.rows = None
+
+    def begin(self, mask, rows=None):
+        """Place T new slots for `rows` (default all) with validity `mask` (B', T); return the (B', 1, T, S)
+        attention mask over the S slots the call can see."""
+        B, T = mask.shape
+        self.rows = rows
+        lens = self.lens if rows is None else self.lens[rows]
+        l0 = int(lens[0])
+        # the common case (every row at the same slot) writes plain slices; otherwise index the slots per row
+        self.uniform = rows is None and bool((lens == l0).all())
+        self.slots = lens[:, None] + torch.arange(T, device=mask.device)  # (B', T) slot of each new position
+        end = int(lens.max()) + T
+        if self.max_len is None:
+            if rows is not None:
+                raise ModelError("a growing (autograd) cache runs all rows together")
+            self.valid = valid = torch.cat([self.valid, mask], 1)
+        else:
+            if end > self.max_len:
+                raise ModelError(f"KV cache is full: {end} slots needed, {self.max_len} allocated")
+            if self.uniform:
+                self.valid[:, l0:l0 + T] = mask
+                valid = self.valid[:, :end]
+            else:
+                r = torch.arange(B, device=mask.device) if rows is None else rows
+                self.valid[r[:, None], self.slots] = mask
+                valid = self.valid[r, :end]
+        key = torch.arange(end, device=mask.device)
+        allowed = (key <= self.slots[:, :, None]) & valid[:, None, :]  # causal in slot order, real keys only
+        # every query may see itself, so a padding query never has an empty softmax row (which would give NaN);
+        # no real query ever sees a padding key, so this cannot leak
+        allowed |= key == self.slots[:, :, None]
+        self.end_slot = end
+        return allowed[:, None]
+
+    def update(self, layer, k, v):
+        """Write this call's keys/values of one layer; return all keys/values the call attends to."""
+        end = self.end_slot
+        if self.max_len is None:
+            self.k[layer] = torch.cat([self.k[layer], k], 2)
+            self.v[layer] = torch.cat([self.v[layer], v], 2)
+            return self.k[layer], self.v[layer]
+        K, V = self.k[layer], self.v[layer]
+        if self.uniform:
+            start = end - k.shape[2]
+            K[:, :, start:end], V[:, :, start:end] = k, v
+            return K[:, :, :end], V[:, :, :end]
+        r = torch.arange(k.shape[0], device=k.device) if self.rows is None else self.rows
+        heads = torch.arange(k.shape[1], device=k.device)
+        idx = (r[:, None, None], heads[None, :, None], self.slots[:, None, :])
+        K[idx], V[idx] = k, v
+        if self.rows is None:
+            return K[:, :, :end], V[:, :, :end]
+        return K[self.rows, :, :end], V[self.rows, :, :end]
+
+    def end(self, mask):
+        # a row moves on to just past its last real slot: trailing padding (a finished row, or a row that sat out
+        # a latent insertion) is overwritten by its next call instead of taking up room
+        T = mask.shape[1]
+        if self.max_len is None:
+            advance = torch.full_like(mask[:, 0], T, dtype=torch.long)
+        else:
+            advance = (mask * torch.arange(1, T + 1, device=mask.device)).amax(1)
+        if self.rows is None:
+            self.lens = self.lens + advance
+            self.next_pos = self.next_pos + mask.sum(1)
+        else:
+            self.lens[self.rows] += advance
+            self.next_pos[self.rows] += mask.sum(1)
+        self.rows = None
+
+    def rollback(self, n, rows=None):
+        """Forget the last n slots of `rows` (MemGen drops the weaver's K query slots after reading them)."""
+        if self.max_len is None:
+            if rows is not None:
+                raise ModelError("a growing (autograd) cache rolls back all rows together")
+            end = self.valid.shape[1]
+            self.next_pos = self.next_pos - self.valid[:, end - n:].sum(1)
+            self.valid = self.valid[:, :end - n]
+            self.k = [k[:, :, :end - n] for k in self.k]
+            self.v = [v[:, :, :end - n] for v in self.v]
+            self.lens = self.lens - n
+            return
+        r = torch.arange(len(self.lens), device=self.lens.device) if rows is None else rows
+        slots = self.lens[r][:, None] - n + torch.arange(n, device=self.lens.device)
+        self.next_pos[r] -= self.valid[r[:, None], slots].sum(1)
+        self.valid[r[:, None], slots] = False
+        self.lens[r] -= n
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 4. Loading
+
+
+def pick_dtype(dtype="auto", device="cpu"):
+    """"auto": bfloat16 on GPUs that support it and on CPUs with native bf16 (avx512_bf16 / amx_bf16), else
+    float32 - on CPUs without those instructions bf16 matmuls are several times slower than float32."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype in table:
+        return table[dtype]
+    if dtype != "auto":
+        raise ModelError(f"unknown dtype {dtype!r}: use auto, float32, bfloat16 or float16")
+    if str(device).startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        flags = ""
+    return torch.bfloat16 if ("avx512_bf16" in flags or "amx_bf16" in flags) else torch.float32
+
+
+def pick_device(device="auto"):
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def safetensors_files(path):
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        missing = [s for s in shards if not os.path.isfile(os.path.join(path, s))]
+        if missing:
+            raise ModelError(f"{index} names shards that are missing: {', '.join(missing)}")
+        return [os.path.join(path, s) for s in shards]
+    single = os.path.join(path, "model.safetensors")
+    if os.path.isfile(single):
+        return [single]
+    raise ModelError(f"{path} holds no model.safetensors (nor model.safetensors.index.json): "
+                     "pass a Hugging Face model folder with safetensors weights")
+
+
+def load_model(path, dtype="auto", device="auto"):
+    """Load a Qwen2/Llama HF folder (or download a hub name once, see data/download.py) into a Transformer."""
+    if not os.path.isdir(path):
+        from data.download import resolve_model  # only needed for hub names
+
+        path = resolve_model(path)
+    cfg = read_config(path)
+    device, dtype = pick_device(device), pick_dtype(dtype, pick_device(device))
+    files = safetensors_files(path)
+    from safetensors import safe_open
+
+    with torch.device("meta"):
+        model = Transformer(cfg)  # no memory yet: parameters are assigned from the checkpoint below
+    state = {}
+    for file in files:
+        try:
+            with safe_open(file, framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    state[key] = f.get_tensor(key).to(device=device, dtype=dtype)
+        except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
+            raise ModelError(f"cannot read {file}: {e}. The file is truncated or corrupt; download it again") from None
+    if cfg.tie_word_embeddings:
+        state.pop("lm_head.weight", None)  # some tied checkpoints store the shared matrix twice
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ModelError(f"{path}: weights do not match config.json: missing {missing[:5]}, unexpected "
+                         f"{unexpected[:5]}{' (and more)' if len(missing) + len(unexpected) > 10 else ''}")
+    bad = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items() if state[k].shape != v.shape]
+    if bad:
+        raise ModelError(f"{path}: weight shapes do not match config.json: {'; '.join(bad[:3])}")
+    model.load_state_dict(state, strict=True, assign=True)
+    model.init_rope(device)
+    model.requires_grad_(False)  # the reasoner is frozen; adapters (lora.py) add the trainable parameters
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 5. Sampling
+
+
+def sample(logits, temperature=0.0, top_p=1.0, generator=None):
+    """logits (B, V) -> (B,) token ids. temperature 0 is greedy; top_p keeps the smallest nucleus."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, -1)
+    if top_p < 1.0:
+        sorted_p, idx = probs.sort(-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p > top_p  # keep tokens until the mass before them reaches top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, idx, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def left_pad(prompts, pad_id, device):
+    """Lists of ids -> (B, T) ids and a mask of the real ones, padded on the left so all rows end together."""
+    T = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), T, dtype=torch.bool)
+    for b, p in enumerate(prompts):
+        ids[b, T - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[b, T - len(p):] = True
+    return ids.to(device), mask.to(device)
+
+
+def check_prompts(model, prompts, max_new_tokens):
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ModelError("every prompt must hold at least one token")
+    longest = max(len(p) for p in prompts)
+    if longest >= model.cfg.max_positions:
+        raise ModelError(f"a prompt has {longest} tokens, but the model takes at most {model.cfg.max_positions} "
+                         "positions: shorten the prompt")
+    return min(max_new_tokens, model.cfg.max_positions - longest)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts, max_new_tokens=256, temperature=0.0, top_p=1.0, seed=0):
+    """
+    Batched sampling. prompts: lists of token ids (see Tokenizer.chat) or strings (encoded as plain text).
+    Prefill once, then one token per step from the cache; each row stops at its first EOS.
+    Returns (list of generated id lists, EOS excluded; list of decoded texts).
+    """
+    prompts = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+    max_new_tokens = check_prompts(model, prompts, max_new_tokens)
+    ids, mask = left_pad(prompts, tokenizer.pad_id, model.device)
+    B = len(prompts)
+    cache = KVCache(model.cfg, B, ids.shape[1] + max_new_tokens, model.device, model.dtype)
+    gen = torch.Generator(device=model.device).manual_seed(seed)
+    eos = torch.tensor(tokenizer.eos_ids, device=model.device)
+    out = torch.full((B, max_new_tokens), tokenizer.pad_id, dtype=torch.long, device=model.device)
+    done = torch.zeros(B, dtype=torch.bool, device=model.device)
+    logits, _ = model(ids, mask=mask, cache=cache, logits="last")
+    for t in range(max_new_tokens):
+        tok = sample(logits[:, -1], temperature, top_p, gen)
+        tok = torch.where(done, tokenizer.pad_id, tok)
+        out[:, t] = tok
+        done = done | torch.isin(tok, eos)
+        if t == max_new_tokens - 1 or bool(done.all()):
+            break
+        # finished rows feed an invalid slot: they keep their place in the batch but cost nothing that matters
+        logits, _ = model(tok[:, None], cache=cache, mask=~done[:, None], logits="last")
+    return finish(out, tokenizer)
+
+
+def finish(out, tokenizer):
+    """Cut each row at its first EOS and decode."""
+    eos = set(tokenizer.eos_ids)
+    seqs = []
+    for row in out.tolist():
+        cut = next((i for i, t in enumerate(row) if t in eos), len(row))
+        seqs.append(row[:cut])
+    return seqs, [tokenizer.decode(s) for s in seqs]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 6. Tokenizer
+from tok_draft import Tokenizer, load_tokenizer  # noqa: E402  (being merged in)
