@@ -63,6 +63,7 @@ class MemGen(nn.Module):
         # §3.3: the trigger's 2-way head (0 = skip, 1 = insert) on its last hidden state
         self.trigger = nn.Module()
         self.trigger.head = nn.Linear(D, 2, device=dev)
+        self.vocab = min(tokenizer.vocab_size, model.cfg.vocab_size)  # padding rows of the head are never sampled
         self.register_buffer("is_delim", delimiter_table(tokenizer, model.cfg.vocab_size).to(dev), persistent=False)
 
     def trainable(self, part):
@@ -90,7 +91,7 @@ def delimiter_table(tokenizer, vocab_size):
         if v not in special:
             try:
                 table[v] = tokenizer.token_bytes(v).endswith(ends)
-            except KeyError:  # an id the vocabulary does not use
+            except ValueError:  # an id the vocabulary does not use
                 pass
     return table
 
@@ -250,7 +251,7 @@ def logprobs(mg, prompts, completions, insertions, decisions=None, pad_id=0):
     comp_mask = torch.arange(Tc, device=dev)[None] < torch.tensor([len(c) for c in completions], device=dev)[:, None]
     hs = h.gather(1, pos[..., None].expand(-1, -1, h.shape[-1]))
     targets = ids.gather(1, pos + 1)
-    logp = torch.log_softmax(mg.model.head(hs).float(), -1).gather(-1, targets[..., None]).squeeze(-1)
+    logp = torch.log_softmax(mg.model.head(hs)[..., :mg.vocab].float(), -1).gather(-1, targets[..., None]).squeeze(-1)
     logp = logp * comp_mask
     if decisions is None:
         return logp, comp_mask, None, None
@@ -308,7 +309,7 @@ def generate(mg, tokenizer, prompts, max_new_tokens=256, temperature=0.0, top_p=
     decisions = [[] for _ in range(B)]
 
     logits, _ = model(ids, mask=pmask, cache=R, logits="last")  # 1. reasoner prefill
-    next_logits = logits[:, -1].float()
+    next_logits = logits[:, -1, :mg.vocab].float()
     g_hidden = None
     if W is not None:  # the weaver reads the prompt once; every later call only feeds what is new
         with lora.use(model, "weaver"):
@@ -353,7 +354,7 @@ def generate(mg, tokenizer, prompts, max_new_tokens=256, temperature=0.0, top_p=
         w_seen[rows] = t
         pending[rows], has_pending[rows] = lat, True
         logits, _ = model(inputs_embeds=lat, cache=R, rows=rows, logits="last")  # the reasoner reads the latents
-        next_logits[rows] = logits[:, -1].float()
+        next_logits[rows] = logits[:, -1, :mg.vocab].float()
         if t > 0:
             n_ins[rows] += 1
 
@@ -375,7 +376,7 @@ def generate(mg, tokenizer, prompts, max_new_tokens=256, temperature=0.0, top_p=
         if t == max_new_tokens - 1 or bool(done.all()):
             break
         logits, _ = model(tok[:, None], cache=R, mask=~done[:, None], logits="last")
-        next_logits = logits[:, -1].float()
+        next_logits = logits[:, -1, :mg.vocab].float()
         if mode != "off":
             cand = mg.is_delim[tok] & ~done & (n_ins < mg.n)  # 2. a sentence boundary, and insertions left
             if bool(cand.any()):

@@ -20,7 +20,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
 from tiny_tokenizer import FAMILIES, build_tokenizer_files  # noqa: E402
-from tok_draft import GPT2_DIGITS_PATTERN, GPT2_PATTERN, QWEN2_PATTERN, load_tokenizer  # noqa: E402
+from model import GPT2_DIGITS_PATTERN, GPT2_PATTERN, QWEN2_PATTERN, load_tokenizer  # noqa: E402
 
 REAL = os.environ.get("MEMGEN_SMALL_MODEL")
 
@@ -118,7 +118,7 @@ def assert_matches_hf(folder, texts, hf_gets_our_nfc=False):
 def check_bpe_core(hf, tok, n, seed=0):
     """tiktoken merges the adjacent pair whose concatenation has the lowest id; HF merges the
     pair listed first in merges. Glue random tokens into one piece and compare the two."""
-    from tok_draft import _UNICODE_TO_LATIN1
+    from model import _UNICODE_TO_LATIN1
     vocab = [t for t, i in hf.get_vocab(with_added_tokens=False).items() if i not in tok._specials.values()]
     rng = random.Random(seed)
     for _ in range(n):
@@ -232,7 +232,8 @@ def test_chat_matches_hf(family_folder):
 def test_ids_and_metadata(family_folder):
     family, folder = family_folder
     tok = load_tokenizer(folder)
-    cfg = json.load(open(os.path.join(folder, "tokenizer.json"), encoding="utf-8"))
+    with open(os.path.join(folder, "tokenizer.json"), encoding="utf-8") as f:
+        cfg = json.load(f)
     specials = {a["content"]: a["id"] for a in cfg["added_tokens"]}
     assert tok.vocab_size == max(max(cfg["model"]["vocab"].values()), *specials.values()) + 1
     assert tok.special_ids == set(specials.values())
@@ -251,7 +252,11 @@ def test_ids_and_metadata(family_folder):
     with pytest.raises(ValueError, match="not in the vocabulary"):
         tok.decode([tok.vocab_size + 5])
     with pytest.raises(ValueError, match="not in the vocabulary"):
+        tok.decode([5, -1])
+    with pytest.raises(ValueError, match="not in the vocabulary"):
         tok.token_bytes(-1)
+    with pytest.raises(ValueError, match="expects a str"):
+        tok.encode(b"bytes")
 
 
 # -----------------------------------------------------------------------------
@@ -272,6 +277,16 @@ def test_error_unknown_pretokenizer(tmp_path):
     cfg["pre_tokenizer"] = {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always", "split": True}
     path.write_text(json.dumps(cfg), encoding="utf-8")
     with pytest.raises(ValueError, match="Metaspace"):
+        load_tokenizer(str(tmp_path))
+
+
+def test_error_tiktoken_cannot_build(tmp_path):
+    build_tokenizer_files(str(tmp_path), "qwen2")
+    path = tmp_path / "tokenizer.json"
+    cfg = json.loads(path.read_text(encoding="utf-8"))
+    cfg["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = "(?<=a"  # broken regex
+    path.write_text(json.dumps(cfg), encoding="utf-8")
+    with pytest.raises(ValueError, match="tiktoken cannot build"):
         load_tokenizer(str(tmp_path))
 
 

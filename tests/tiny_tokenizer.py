@@ -96,7 +96,8 @@ def build_tokenizer_files(folder, family, *, missing_bytes=()):
     tok.save(os.path.join(folder, "tokenizer.json"))
 
     # slow-tokenizer files (vocab.json + merges.txt), read back from what we just saved
-    saved = json.load(open(os.path.join(folder, "tokenizer.json"), encoding="utf-8"))
+    with open(os.path.join(folder, "tokenizer.json"), encoding="utf-8") as f:
+        saved = json.load(f)
     vocab, merges = saved["model"]["vocab"], saved["model"]["merges"]
     with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
         json.dump(vocab, f, ensure_ascii=False)
