@@ -255,16 +255,28 @@ def logprobs(mg, prompts, completions, insertions, decisions=None, pad_id=0):
     logp = logp * comp_mask
     if decisions is None:
         return logp, comp_mask, None, None
+    dlogp, dmask = trigger_logprobs(mg, prompts, completions, decisions, pad_id, (ids, mask))
+    return logp, comp_mask, dlogp, dmask
+
+
+def trigger_logprobs(mg, prompts, completions, decisions, pad_id=0, batched=None):
+    """
+    Log-probs (with gradients into the trigger adapter and head) of recorded trigger decisions: per row a list of
+    (completion index i, 0/1) - the trigger was asked after completion token i-1 (i = 0: the end of the prompt).
+    The trigger reads tokens only, so this is one plain forward. Returns (B, M) log-probs and their mask.
+    """
+    dev = mg.model.device
+    ids, mask = batched if batched is not None else batch(prompts, completions, pad_id, dev)[:2]
     M = max([len(d) for d in decisions] + [1])
     at = torch.zeros(len(prompts), M, dtype=torch.long, device=dev)
     act = torch.zeros(len(prompts), M, device=dev)
     dmask = torch.zeros(len(prompts), M, dtype=torch.bool, device=dev)
     for b, ds in enumerate(decisions):
-        for m, (i, d) in enumerate(ds):
-            at[b, m], act[b, m], dmask[b, m] = len(prompts[b]) + i - 1, float(d), True
+        for m, d in enumerate(ds):
+            i, fired = d[0], d[-1]  # generate() records (i, p, 0/1); (i, 0/1) works too
+            at[b, m], act[b, m], dmask[b, m] = len(prompts[b]) + i - 1, float(fired), True
     p = trigger_forward(mg, ids, mask).gather(1, at).clamp(1e-6, 1 - 1e-6)
-    dlogp = (act * p.log() + (1 - act) * (1 - p).log()) * dmask
-    return logp, comp_mask, dlogp, dmask
+    return (act * p.log() + (1 - act) * (1 - p).log()) * dmask, dmask
 
 
 # ----------------------------------------------------------------------------------------------------------------

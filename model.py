@@ -476,11 +476,11 @@ def check_prompts(model, prompts, max_new_tokens):
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts, max_new_tokens=256, temperature=0.0, top_p=1.0, seed=0):
+def generate(model, tokenizer, prompts, max_new_tokens=256, temperature=0.0, top_p=1.0, seed=0, keep_eos=False):
     """
     Batched sampling. prompts: lists of token ids (see Tokenizer.chat) or strings (encoded as plain text).
     Prefill once, then one token per step from the cache; each row stops at its first EOS.
-    Returns (list of generated id lists, EOS excluded; list of decoded texts).
+    Returns (list of generated id lists, EOS excluded unless keep_eos (RL scores it); list of decoded texts).
     """
     prompts = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
     max_new_tokens = check_prompts(model, prompts, max_new_tokens)
@@ -502,17 +502,18 @@ def generate(model, tokenizer, prompts, max_new_tokens=256, temperature=0.0, top
             break
         # finished rows feed an invalid slot: they keep their place in the batch but cost nothing that matters
         logits, _ = model(tok[:, None], cache=cache, mask=~done[:, None], logits="last")
-    return finish(out, tokenizer)
+    return finish(out, tokenizer, keep_eos)
 
 
-def finish(out, tokenizer):
-    """Cut each row at its first EOS and decode."""
+def finish(out, tokenizer, keep_eos=False):
+    """Cut each row at its first EOS (kept in the ids when keep_eos; never in the text) and decode."""
     eos = set(tokenizer.eos_ids)
-    seqs = []
+    seqs, texts = [], []
     for row in out.tolist():
         cut = next((i for i, t in enumerate(row) if t in eos), len(row))
-        seqs.append(row[:cut])
-    return seqs, [tokenizer.decode(s) for s in seqs]
+        seqs.append(row[:cut + 1] if keep_eos and cut < len(row) else row[:cut])
+        texts.append(tokenizer.decode(row[:cut]))
+    return seqs, texts
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -726,6 +727,9 @@ class Tokenizer:
         self.eos_ids = sorted(int(i) for i in eos)
         pad = token_id(tcfg.get("pad_token"))
         self.pad_id = pad if pad is not None else (self.eos_ids[0] if self.eos_ids else None)
+        # the token that closes an assistant turn: SFT targets end with it, so the model learns to stop
+        end = self._specials.get("<|im_end|>")
+        self.end_id = end if end is not None else (self.eos_ids[0] if self.eos_ids else None)
 
     # -- encoding
 
