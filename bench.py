@@ -49,11 +49,12 @@ class RandomTokenizer:
     def __init__(self, vocab_size):
         self.vocab_size = vocab_size
 
+    # a random model rarely emits "," "." "\n": every 16th id "is" a "." so that insertions happen
     def token_bytes(self, i):
-        return bytes([i % 256])
+        return b"." if i % 16 == 0 else b"x"
 
     def decode(self, ids, skip_special=False):
-        return ""
+        return b"".join(self.token_bytes(i) for i in ids).decode()
 
 
 def machine():
@@ -84,11 +85,15 @@ def left_pad_embeds(seqs):
 
 
 @torch.no_grad()
-def official_style_decode(mg, prompts, new_tokens):
+def official_style_decode(mg, tok, prompts, new_tokens):
     """
-    Greedy MemGen decoding shaped like the official code: at every insertion the weaver runs from scratch over the
-    inserting rows' whole prefix, and the reasoner's cache is dropped and rebuilt over every row's whole sequence.
-    Between insertions the reasoner decodes from its cache, as the official code does.
+    Greedy MemGen decoding shaped like the official code (memgen/model/modeling_memgen.py, generate):
+      - a sentence boundary is found by decoding each row's last token to text, every step;
+      - at every insertion the weaver runs from scratch over the inserting rows' whole prefix, and the reasoner's
+        cache is dropped and rebuilt over every row's whole sequence;
+      - between insertions the reasoner decodes from its cache;
+      - once every row has used its N insertions, the rest is generated with use_cache=False: the whole
+        sequence is recomputed for every new token.
     """
     model, k, dev = mg.model, mg.k, mg.model.device
     B = len(prompts)
@@ -113,24 +118,36 @@ def official_style_decode(mg, prompts, new_tokens):
         logits, _ = model(inputs_embeds=x, mask=mask, cache=cache, logits="last")
         return cache, logits[:, -1]
 
+    def is_boundary(token):
+        return tok.decode([token]).endswith(memgen.DELIMITERS)
+
     weave(list(range(B)), True)
     cache, logits = prefill(new_tokens)
     for t in range(new_tokens):
-        tok = logits.argmax(-1)
-        emb = model.embed(tok)
+        tok_ids = logits.argmax(-1)
+        emb = model.embed(tok_ids)
         for b in range(B):
-            out[b].append(int(tok[b]))
+            out[b].append(int(tok_ids[b]))
             seqs[b] = torch.cat([seqs[b], emb[b:b + 1]])
         if t == new_tokens - 1:
             break
-        rows = [b for b in range(B) if bool(mg.is_delim[tok[b]]) and n_ins[b] < mg.n]
+        if cache is None:  # every row is out of insertions: no cache from here on (use_cache=False)
+            x, mask = left_pad_embeds(seqs)
+            logits = model(inputs_embeds=x, mask=mask, logits="last")[0][:, -1]
+            continue
+        rows = [b for b in range(B) if n_ins[b] < mg.n and is_boundary(int(tok_ids[b]))]
         if rows:
             weave(rows, False)
             for r in rows:
                 n_ins[r] += 1
-            cache, logits = prefill(new_tokens - t)
+            if all(n >= mg.n for n in n_ins):
+                cache = None
+                x, mask = left_pad_embeds(seqs)
+                logits = model(inputs_embeds=x, mask=mask, logits="last")[0][:, -1]
+            else:
+                cache, logits = prefill(new_tokens - t)
         else:
-            logits = model(tok[:, None], cache=cache, logits="last")[0][:, -1]
+            logits = model(tok_ids[:, None], cache=cache, logits="last")[0][:, -1]
     return out
 
 
@@ -252,13 +269,11 @@ def main(argv=None):
 
     # 2. MemGen decode
     mg = memgen.MemGen(model, tok).eval()
-    if args.quick:  # a random model rarely emits "," "." "\n": mark more tokens as boundaries so insertions happen
-        mg.is_delim[::16] = True
     dt, res = timed(lambda: memgen.generate(mg, tok, prompts, max_new_tokens=new_tokens, mode="always"))
     mem_tok_s = B * new_tokens / dt
     ins = sum(len(r["insertions"]) for r in res) / B
     report(rows_out, "memgen_tok_s", mem_tok_s, "tok/s", insertions_per_row=ins)
-    dt_naive, naive_out = timed(lambda: official_style_decode(mg, prompts, new_tokens))
+    dt_naive, naive_out = timed(lambda: official_style_decode(mg, tok, prompts, new_tokens))
     report(rows_out, "official_style_memgen_tok_s", B * new_tokens / dt_naive, "tok/s",
            same_tokens=all(r["ids"] == o for r, o in zip(res, naive_out)))
     ratios["memgen_vs_vanilla"] = mem_tok_s / vanilla
@@ -277,7 +292,7 @@ def main(argv=None):
         seqs, plen = [], []
         for r in train:
             p = tok.chat(messages(r["question"]))
-            seqs.append((p + tok.encode(r["target"]) + tok.tok.eos_ids[:1])[:seq_len])
+            seqs.append((p + tok.encode(r["target"]) + [tok.end_id])[:seq_len])
             plen.append(len(p))
     ids, mask, prompt_len = memgen.batch([s[:p] for s, p in zip(seqs, plen)], [s[p:] for s, p in zip(seqs, plen)],
                                          tok.pad_id, model.device)

@@ -105,16 +105,25 @@ def weave(mg, cache, new_embeds, new_mask, is_prompt, rows=None):
     Feed the weaver what it has not seen yet (reasoner-space embeddings: earlier latents and tokens, (B', S, D),
     padding marked False in new_mask) followed by the K queries; return the K latents (B', K, D) in reasoner space.
     The query slots are dropped from the cache afterwards: later insertions must not see earlier queries.
+    Each row is packed as [its real inputs, its K queries, padding]: padding left between a row's inputs and its
+    queries would stay behind in the cache as dead slots, insertion after insertion.
     """
-    model, dtype = mg.model, mg.model.dtype
+    model, dtype, k = mg.model, mg.model.dtype, mg.k
     w = mg.weaver
-    x = w.reasoner_to_weaver(new_embeds.float()) if new_embeds.shape[1] else new_embeds.float()
-    x = torch.cat([x, mg.queries(is_prompt)], 1).to(dtype)
-    mask = torch.cat([new_mask, torch.ones(len(x), mg.k, dtype=torch.bool, device=x.device)], 1)
+    B, S = new_mask.shape
+    D, dev = new_embeds.shape[-1], new_embeds.device
+    x = w.reasoner_to_weaver(new_embeds.float()) if S else new_embeds.float()
+    n = new_mask.sum(1)  # real inputs per row
+    order = torch.sort((~new_mask).to(torch.int8), dim=1, stable=True).indices  # each row's real inputs first
+    full = torch.cat([x.gather(1, order[..., None].expand(-1, -1, D)), mg.queries(is_prompt)], 1)  # (B', S+K, D)
+    slot = torch.arange(int(n.max()) + k, device=dev)[None]
+    src = torch.where(slot < n[:, None], slot, S + slot - n[:, None]).clamp(max=S + k - 1)
+    inp = full.gather(1, src[..., None].expand(-1, -1, D)).to(dtype)
     with lora.use(model, "weaver"):
-        _, h = model(inputs_embeds=x, mask=mask, cache=cache, rows=rows, logits="none")
-    cache.rollback(mg.k, rows)
-    return w.weaver_to_reasoner(h[:, -mg.k:].float()).to(dtype)
+        _, h = model(inputs_embeds=inp, mask=slot < (n + k)[:, None], cache=cache, rows=rows, logits="none")
+    cache.rollback(k, rows)
+    h = h.gather(1, (n[:, None] + torch.arange(k, device=dev))[..., None].expand(-1, -1, h.shape[-1]))
+    return w.weaver_to_reasoner(h.float()).to(dtype)
 
 
 def trigger_probs(mg, hidden):
@@ -204,8 +213,27 @@ def forward(mg, ids, mask, prompt_len, points):
     src_index = src_index[:, :S]
     aug = src.gather(1, src_index[..., None].expand(-1, -1, D))
     aug_mask = torch.arange(S, device=dev)[None] < total[:, None]
+    # The reasoner reads the rows packed into as few rows of length S as they fit in (first-fit, longest first),
+    # each sequence attending only to itself: short rows share a row instead of being padded to the longest.
+    lens = total.tolist()
+    fill, where = [], {}
+    for b in sorted(range(B), key=lambda b: -lens[b]):
+        i = next((i for i, f in enumerate(fill) if f + lens[b] <= S), len(fill))
+        if i == len(fill):
+            fill.append(0)
+        where[b] = (i, fill[i])
+        fill[i] += lens[b]
+    start = torch.tensor([where[b][0] * S + where[b][1] for b in range(B)], device=dev)
+    t = torch.arange(S, device=dev)[None].expand(B, S)
+    dest = (start[:, None] + t)[aug_mask]  # packed slot of every real slot, in row-major order
+    R = len(fill)
+    packed = aug.new_zeros(R * S, D).index_put((dest,), aug[aug_mask]).view(R, S, D)
+    pos = torch.zeros(R * S, dtype=torch.long, device=dev).index_put((dest,), t[aug_mask]).view(R, S)
+    seg = torch.full((R * S,), -1, dtype=torch.long, device=dev)
+    seg = seg.index_put((dest,), torch.arange(B, device=dev)[:, None].expand(B, S)[aug_mask]).view(R, S)
     with lora.use(model, None):
-        _, h = model(inputs_embeds=aug, mask=aug_mask)
+        _, hp = model(inputs_embeds=packed, positions=pos, segments=seg, mask=seg >= 0, logits="none")
+    h = hp.new_zeros(B, S, D).index_put((aug_mask,), hp.reshape(R * S, D)[dest])
     pred_slot = torch.cat([tok_slot[:, 1:] - 1, tok_slot[:, -1:]], 1).clamp(max=S - 1)
     return h.gather(1, pred_slot[..., None].expand(-1, -1, D))
 

@@ -122,6 +122,18 @@ def rope(x, cos, sin):
     return x * cos + rotated * sin
 
 
+def one_query_attention(q, k, v, mask):
+    """Attention for one new position per row (a decode step): two small matmuls, with the GQA group folded into
+    the query axis so K/V are never repeated. On CPU, SDPA's kernels are several times slower at this shape."""
+    B, H, T, D = q.shape
+    nkv = k.shape[1]
+    g = H // nkv
+    s = (q.reshape(B, nkv, g * T, D) @ k.transpose(-1, -2)).float() * D ** -0.5
+    s = s.view(B, nkv, g, T, -1).masked_fill(~mask[:, :, None], float("-inf"))
+    p = torch.softmax(s, -1).to(q.dtype).view(B, nkv, g * T, -1)
+    return (p @ v).view(B, H, T, D)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -140,7 +152,10 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, k, v)  # all slots so far, this step's included
         # an explicit boolean mask (True = may attend); never is_causal, which is wrong once a cache is non-empty
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.nkv != self.nh)
+        if T == 1:
+            y = one_query_attention(q, k, v, mask)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.nkv != self.nh)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
 
 
@@ -203,7 +218,7 @@ class Transformer(nn.Module):
         return F.linear(h, w)
 
     def forward(self, input_ids=None, inputs_embeds=None, positions=None, cache=None, mask=None, logits="all",
-                rows=None):
+                rows=None, segments=None):
         """
         input_ids (B, T) or inputs_embeds (B, T, D): the new positions (MemGen feeds latents through inputs_embeds).
         mask (B, T) bool: which new positions are real (False = padding or an unused slot); default all real.
@@ -211,12 +226,16 @@ class Transformer(nn.Module):
         cache: a KVCache, extended in place by these T slots.
         rows (B,) long: which rows of the cache these B inputs belong to (default: all of them, in order).
         logits: "all", "last" (only the final slot, enough for sampling) or "none".
+        segments (B, T) long: several sequences packed into one row (no padding to compute); a position attends
+        only within its own segment. Needs explicit positions and no cache.
         Returns (logits or None, last hidden state after the final norm (B, T, D)).
         """
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         B, T, _ = x.shape
         if mask is None:
             mask = torch.ones(B, T, dtype=torch.bool, device=x.device)
+        if segments is not None and (cache is not None or positions is None):
+            raise ModelError("packed segments need explicit positions and no cache")
         if cache is None:
             # a throwaway growing cache makes the uncached forward the same code path as the cached one
             cache = KVCache(self.cfg, B, device=x.device, dtype=x.dtype)
@@ -224,6 +243,8 @@ class Transformer(nn.Module):
             start = cache.next_pos if rows is None else cache.next_pos[rows]
             positions = (start[:, None] + mask.long().cumsum(1) - 1).clamp(min=0)
         attn_mask = cache.begin(mask, rows)  # (B, 1, T, slots)
+        if segments is not None:
+            attn_mask = attn_mask & (segments[:, None, :, None] == segments[:, None, None, :])
 
         freqs = positions[..., None].float() * self.inv_freq  # rotary angles in float32, as the reference
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]
@@ -258,10 +279,13 @@ class KVCache:
 
     def __init__(self, cfg, batch, max_len=None, device="cpu", dtype=torch.float32):
         self.max_len = max_len
-        shape = (batch, cfg.num_kv_heads, max_len or 0, cfg.head_dim)
+        # one spare "scratch" slot past the end: padding that a batched call places beyond max_len (a row far along
+        # batched with a row feeding a long segment) is written there and never becomes real
+        size = max_len + 1 if max_len else 0
+        shape = (batch, cfg.num_kv_heads, size, cfg.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
-        self.valid = torch.zeros(batch, max_len or 0, dtype=torch.bool, device=device)
+        self.valid = torch.zeros(batch, size, dtype=torch.bool, device=device)
         self.lens = torch.zeros(batch, dtype=torch.long, device=device)
         self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)
         self.rows = None
@@ -283,7 +307,12 @@ class KVCache:
             self.valid = valid = torch.cat([self.valid, mask], 1)
         else:
             if end > self.max_len:
-                raise ModelError(f"KV cache is full: {end} slots needed, {self.max_len} allocated")
+                need = int(torch.where(mask, self.slots + 1, 0).max())  # past the last real slot
+                if need > self.max_len:
+                    raise ModelError(f"KV cache is full: {need} slots needed, {self.max_len} allocated")
+                self.slots = self.slots.clamp(max=self.max_len)  # only padding lands on the scratch slot
+                self.uniform = False
+                end = self.max_len + 1
             if self.uniform:
                 self.valid[:, l0:l0 + T] = mask
                 valid = self.valid[:, :end]
@@ -336,16 +365,14 @@ class KVCache:
         self.rows = None
 
     def rollback(self, n, rows=None):
-        """Forget the last n slots of `rows` (MemGen drops the weaver's K query slots after reading them)."""
+        """Forget the last n real slots of `rows` (MemGen drops the weaver's K query slots after reading them)."""
         if self.max_len is None:
+            # a growing cache keeps its columns (autograd holds them); the slots just stop being real
             if rows is not None:
                 raise ModelError("a growing (autograd) cache rolls back all rows together")
-            end = self.valid.shape[1]
-            self.next_pos = self.next_pos - self.valid[:, end - n:].sum(1)
-            self.valid = self.valid[:, :end - n]
-            self.k = [k[:, :, :end - n] for k in self.k]
-            self.v = [v[:, :, :end - n] for v in self.v]
-            self.lens = self.lens - n
+            after = self.valid.flip(1).cumsum(1).flip(1)  # real slots at or after each slot
+            self.next_pos = self.next_pos - self.valid.sum(1).clamp(max=n)
+            self.valid = self.valid & (after > n)
             return
         r = torch.arange(len(self.lens), device=self.lens.device) if rows is None else rows
         slots = self.lens[r][:, None] - n + torch.arange(n, device=self.lens.device)

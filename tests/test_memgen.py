@@ -35,10 +35,11 @@ def naive_weave(mg, seq, is_prompt):
     model, w = mg.model, mg.weaver
     q = (w.prompt_ln(w.prompt_queries) * w.prompt_scale) if is_prompt else \
         (w.inference_ln(w.inference_queries) * w.inference_scale)
-    x = torch.cat([w.reasoner_to_weaver(seq), q], 0)[None]
+    # the weaver's modules are float32; the model may run in bf16 (bench.py uses this reference too)
+    x = torch.cat([w.reasoner_to_weaver(seq.float()), q], 0)[None].to(model.dtype)
     with lora.use(model, "weaver"):
         _, h = model(inputs_embeds=x)
-    return w.weaver_to_reasoner(h[0, -mg.k:])
+    return w.weaver_to_reasoner(h[0, -mg.k:].float()).to(model.dtype)
 
 
 def naive_forward(mg, ids, prompt_len, points):
