@@ -19,12 +19,9 @@ Speed: every model call here is cached and batched. The weaver keeps a KV cache 
 insertion feeds only the tokens since its last call plus K queries, then drops the query slots again (the official
 code re-runs the weaver over the whole prefix each time). Calls are made for the rows that need them only.
 """
-import json
-import os
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import lora
 from model import KVCache, ModelError, check_prompts, left_pad, sample

@@ -154,18 +154,10 @@ def train(argv, prog):
         rows = rows[:cfg["limit"]]
     train_set, skipped = tw.encode_examples(rows, tok, cfg["max_len"], need_target=False)
     val_set = tw.load_rows(cfg, "val")[:cfg["val_size"]]
-    if len(train_set) < cfg["batch_size"]:
-        raise TrainError(f"{len(train_set)} training examples, fewer than --batch_size={cfg['batch_size']}")
-    total = cfg["max_steps"] or cfg["epochs"] * (len(train_set) // cfg["batch_size"])
-    stop = min(total, cfg["stop_step"]) if cfg["stop_step"] else total
-
+    total, stop = tw.plan(cfg, len(train_set))
     optimizer = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    step = 0
-    if resume:
-        memgen.load(mg, resume, parts=("trigger",))
-        state = torch.load(os.path.join(resume, "state.pt"), map_location=device, weights_only=True)
-        optimizer.load_state_dict(state["optimizer"])
-        step = state["step"]
+    step = tw.restore(resume, lambda path: memgen.load(mg, path, parts=("trigger",)), optimizer, device) \
+        if resume else 0
     if main_proc:
         os.makedirs(out_dir, exist_ok=True)
         tw.write_json(os.path.join(out_dir, "config.json"), cfg)
@@ -244,12 +236,7 @@ def train(argv, prog):
         print(f"{prog}: step {step}: " + ", ".join(f"{k} {x:.4f}" for k, x in v.items()), file=sys.stderr)
         result.update(v)
     if step == total and main_proc:
-        final, tmp = os.path.join(out_dir, "final"), os.path.join(out_dir, ".final.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        save(mg, cfg, tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        final = tw.save_final(out_dir, lambda path: save(mg, cfg, path))
         print(f"{prog}: weaver + trigger saved to {final} (evaluate: python eval.py --data {cfg['data']} --model "
               f"{cfg['model']} --mode memgen --trigger learned --adapter {final})", file=sys.stderr)
         if cfg["final_eval_limit"] >= 0:

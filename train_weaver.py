@@ -467,6 +467,33 @@ def default_out(cfg, prefix):
     return os.path.join("out", f"{prefix}-{data}-{os.path.basename(cfg['model'].rstrip('/'))}")
 
 
+def plan(cfg, n_examples):
+    """(total optimizer steps, the step to stop after) for n training examples."""
+    if n_examples < cfg["batch_size"]:
+        raise TrainError(f"{n_examples} training examples, fewer than --batch_size={cfg['batch_size']}")
+    total = cfg["max_steps"] or cfg["epochs"] * (n_examples // cfg["batch_size"])
+    return total, min(total, cfg["stop_step"]) if cfg["stop_step"] else total
+
+
+def restore(resume, load_fn, optimizer, device):
+    """Load a checkpoint's adapters (load_fn) and optimizer state; return the step it was taken at."""
+    load_fn(resume)
+    state = torch.load(os.path.join(resume, "state.pt"), map_location=device, weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    return state["step"]
+
+
+def save_final(out_dir, save_fn):
+    """out_dir/final/ with the trained adapters, built in a temp folder and renamed."""
+    final, tmp = os.path.join(out_dir, "final"), os.path.join(out_dir, ".final.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    save_fn(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return final
+
+
 def final_eval(target, tok, cfg, mode, out_dir, trigger=None):
     """Greedy pass@1 on the first FINAL_EVAL_LIMIT test problems through eval.py's evaluate()."""
     import eval as ev
@@ -530,18 +557,9 @@ def train(argv, prog):
     train_set, skipped = encode_examples(rows, tok, cfg["max_len"])
     val_set, _ = encode_examples(load_rows(cfg, "val")[:cfg["val_size"]], tok, cfg["max_len"]) if cfg["val_size"] \
         else ([], 0)
-    if len(train_set) < cfg["batch_size"]:
-        raise TrainError(f"{len(train_set)} training examples, fewer than --batch_size={cfg['batch_size']}")
-    total = cfg["max_steps"] or cfg["epochs"] * (len(train_set) // cfg["batch_size"])
-    stop = min(total, cfg["stop_step"]) if cfg["stop_step"] else total
-
+    total, stop = plan(cfg, len(train_set))
     optimizer = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    step = 0
-    if resume:
-        load_adapters(target, method, resume)
-        state = torch.load(os.path.join(resume, "state.pt"), map_location=device, weights_only=True)
-        optimizer.load_state_dict(state["optimizer"])
-        step = state["step"]
+    step = restore(resume, lambda path: load_adapters(target, method, path), optimizer, device) if resume else 0
     if main_proc:
         os.makedirs(out_dir, exist_ok=True)
         write_json(os.path.join(out_dir, "config.json"), cfg)
@@ -655,12 +673,7 @@ def train(argv, prog):
         print(f"{prog}: step {step}: " + ", ".join(f"{k} {x:.4f}" for k, x in v.items()), file=sys.stderr)
     result.update(v)
     if step == total and main_proc:
-        final = os.path.join(out_dir, "final")
-        tmp = os.path.join(out_dir, ".final.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        save(tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        final = save_final(out_dir, save)
         print(f"{prog}: adapters saved to {final} (evaluate: python eval.py --data {cfg['data']} --model "
               f"{cfg['model']} --mode {'memgen' if is_mg else 'lora'} --adapter {final})", file=sys.stderr)
         if cfg["final_eval_limit"] >= 0:

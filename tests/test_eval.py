@@ -1,6 +1,5 @@
 """eval.py end to end on a tiny random model and 5 real GSM8K test problems (the numbers are meaningless)."""
 import json
-import os
 from pathlib import Path
 
 import pytest

@@ -1,7 +1,6 @@
 """The reasoner against transformers on tiny random configs: logits, padding, cache, generate, loading errors."""
 import json
 import os
-import shutil
 
 import pytest
 import torch
