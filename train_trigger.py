@@ -52,7 +52,7 @@ TEMPERATURE = 1.0
 MAX_NEW_TOKENS = 512
 LAMBDA = 0.1  # weight of the invocation penalty (0 = plain REINFORCE on the task reward)
 SEED = 42
-DTYPE = "auto"
+DTYPE = "auto"  # as in train_weaver.py: the frozen base in this dtype, the trigger's tensors in float32
 DEVICE = "auto"
 EVAL_INTERVAL = 100
 VAL_SIZE = 64

@@ -70,7 +70,9 @@ MAX_NEW_TOKENS = 512  # per rollout, and for validation / the final eval
 STD_FLOOR = 1e-4  # advantages (r - mean) / max(std, floor) within a group
 # bookkeeping
 SEED = 42
-DTYPE = "auto"  # auto (bf16 on GPUs and CPUs with native bf16, else float32) | float32 | bfloat16
+# the frozen base model runs in DTYPE; everything trained (LoRA, queries, norms, maps) stays float32 and is cast at
+# its output - mixed precision without autocast. auto = bf16 on GPUs and on CPUs with native bf16, else float32
+DTYPE = "auto"
 DEVICE = "auto"
 EVAL_INTERVAL = 100  # validation every this many steps (and at the end); 0 = only at the end
 VAL_SIZE = 64  # validation examples (SFT: loss; GRPO: greedy accuracy)
