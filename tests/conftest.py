@@ -54,3 +54,11 @@ def tiny(tmp_path_factory):
         return made[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def long_folder(tmp_path_factory):
+    """A tiny random Qwen2 folder with room for GSM8K prompts (the `tiny` fixture's models have 256 positions)."""
+    path = str(tmp_path_factory.mktemp("tiny-long"))
+    build_model_folder(path, max_position_embeddings=1024)
+    return path

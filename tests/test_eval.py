@@ -8,7 +8,6 @@ import torch
 import eval as ev
 import lora
 import memgen
-from conftest import build_model_folder
 from model import load_model, load_tokenizer
 
 GSM8K = Path(__file__).resolve().parents[1].parent / "shared/data/gsm8k"
@@ -18,11 +17,8 @@ FAST = ["--max-new-tokens", "8", "--dtype", "float32"]
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    """A tiny random Qwen2 with room for GSM8K prompts (the shared `tiny` fixture has 256 positions)."""
-    path = str(tmp_path_factory.mktemp("tiny-eval"))
-    build_model_folder(path, max_position_embeddings=1024)
-    return path
+def folder(long_folder):
+    return long_folder
 
 
 @pytest.fixture(scope="module")

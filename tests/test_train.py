@@ -14,7 +14,6 @@ import torch
 import memgen
 import train_trigger as tt
 import train_weaver as tw
-from conftest import build_model_folder
 from model import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,10 +21,8 @@ QUIET = ["--progress=false", "--dtype=float32", "--final_eval_limit=-1", "--val_
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("tiny-train"))
-    build_model_folder(path, max_position_embeddings=512)
-    return path
+def folder(long_folder):
+    return long_folder
 
 
 @pytest.fixture(scope="module")
