@@ -270,18 +270,25 @@ def logprobs(mg, prompts, completions, insertions, decisions=None, pad_id=0):
     for b, ins in enumerate(insertions):
         points[b, :len(ins)] = torch.tensor(sorted(ins)) + len(prompts[b])
     h = forward(mg, ids, mask, prompt_len, points.to(dev))
+    logp, comp_mask = completion_logprobs(mg.model, h, ids, prompt_len, completions, mg.vocab)
+    if decisions is None:
+        return logp, comp_mask, None, None
+    dlogp, dmask = trigger_logprobs(mg, prompts, completions, decisions, pad_id, (ids, mask))
+    return logp, comp_mask, dlogp, dmask
+
+
+def completion_logprobs(model, h, ids, prompt_len, completions, vocab):
+    """Log-probs (B, Tc) of each row's completion tokens from the reasoner's hidden states h (h[:, t] predicts
+    ids[:, t+1]), and the completion mask. Only the vocabulary's first `vocab` logits count."""
+    dev = ids.device
     Tc = max(len(c) for c in completions)
     # token t of the completion (sequence index prompt_len + t) is predicted by hidden[prompt_len + t - 1]
     pos = (prompt_len[:, None] - 1 + torch.arange(Tc, device=dev)).clamp(max=ids.shape[1] - 2)
     comp_mask = torch.arange(Tc, device=dev)[None] < torch.tensor([len(c) for c in completions], device=dev)[:, None]
     hs = h.gather(1, pos[..., None].expand(-1, -1, h.shape[-1]))
     targets = ids.gather(1, pos + 1)
-    logp = torch.log_softmax(mg.model.head(hs)[..., :mg.vocab].float(), -1).gather(-1, targets[..., None]).squeeze(-1)
-    logp = logp * comp_mask
-    if decisions is None:
-        return logp, comp_mask, None, None
-    dlogp, dmask = trigger_logprobs(mg, prompts, completions, decisions, pad_id, (ids, mask))
-    return logp, comp_mask, dlogp, dmask
+    logp = torch.log_softmax(model.head(hs)[..., :vocab].float(), -1).gather(-1, targets[..., None]).squeeze(-1)
+    return logp * comp_mask, comp_mask
 
 
 def trigger_logprobs(mg, prompts, completions, decisions, pad_id=0, batched=None):

@@ -296,13 +296,7 @@ def lora_logprobs(model, prompts, completions, pad_id, vocab):
     ids, mask, prompt_len = memgen.batch(prompts, completions, pad_id, model.device)
     with lora.use(model, "sft"):
         _, h = model(ids, mask=mask, logits="none")
-    Tc = max(len(c) for c in completions)
-    pos = (prompt_len[:, None] - 1 + torch.arange(Tc, device=ids.device)).clamp(max=ids.shape[1] - 2)
-    lens = torch.tensor([len(c) for c in completions], device=ids.device)
-    comp_mask = torch.arange(Tc, device=ids.device)[None] < lens[:, None]
-    hs = h.gather(1, pos[..., None].expand(-1, -1, h.shape[-1]))
-    logp = torch.log_softmax(model.head(hs)[..., :vocab].float(), -1).gather(-1, ids.gather(1, pos + 1)[..., None])
-    return logp.squeeze(-1) * comp_mask, comp_mask
+    return memgen.completion_logprobs(model, h, ids, prompt_len, completions, vocab)
 
 
 def reward(text, gold, rollout):
