@@ -172,7 +172,7 @@ def sft_step(mg, ids, mask, prompt_len, naive):
             (loss / target.sum()).backward()
             total += loss.item()
         return total / target.sum().item()
-    h = memgen.forward(mg, ids, mask, prompt_len, points)
+    h = memgen.teacher_forced(mg, ids, mask, prompt_len, points)
     logits = model.head(h[target]).float()
     loss = F.cross_entropy(logits, ids.roll(-1, 1)[target])
     loss.backward()
@@ -295,7 +295,7 @@ def main(argv=None):
             p = tok.chat(messages(r["question"]))
             seqs.append((p + tok.encode(r["target"]) + [tok.end_id])[:seq_len])
             plen.append(len(p))
-    ids, mask, prompt_len = memgen.batch([s[:p] for s, p in zip(seqs, plen)], [s[p:] for s, p in zip(seqs, plen)],
+    ids, mask, prompt_len = memgen.right_pad([s[:p] for s, p in zip(seqs, plen)], [s[p:] for s, p in zip(seqs, plen)],
                                          tok.pad_id, model.device)
     mg.eval()  # dropout off so both paths compute the same function
     sft_step(mg, ids[:2], mask[:2], prompt_len[:2], naive=False)  # warm-up

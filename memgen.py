@@ -154,7 +154,7 @@ def insertion_points(mg, ids, mask, prompt_len, n=None):
     return points
 
 
-def forward(mg, ids, mask, prompt_len, points):
+def teacher_forced(mg, ids, mask, prompt_len, points):
     """
     The batched, cached training forward (paper §3.2, teacher forcing).
     ids, mask (B, T): prompt + completion tokens, right-padded. prompt_len (B,). points (B, J): token indices to
@@ -242,7 +242,7 @@ def trigger_forward(mg, ids, mask):
     return trigger_probs(mg, h)
 
 
-def batch(prompts, completions, pad_id, device):
+def right_pad(prompts, completions, pad_id, device):
     """Right-padded prompt+completion ids, their mask and the prompt lengths."""
     seqs = [list(p) + list(c) for p, c in zip(prompts, completions)]
     T = max(len(s) for s in seqs)
@@ -264,12 +264,12 @@ def logprobs(mg, prompts, completions, insertions, decisions=None, pad_id=0):
     completion mask (B, Tc), decision log-probs (B, M) and their mask, or None without decisions).
     """
     dev = mg.model.device
-    ids, mask, prompt_len = batch(prompts, completions, pad_id, dev)
+    ids, mask, prompt_len = right_pad(prompts, completions, pad_id, dev)
     J = max([len(i) for i in insertions] + [0])
     points = torch.full((len(prompts), J), -1, dtype=torch.long)
     for b, ins in enumerate(insertions):
         points[b, :len(ins)] = torch.tensor(sorted(ins)) + len(prompts[b])
-    h = forward(mg, ids, mask, prompt_len, points.to(dev))
+    h = teacher_forced(mg, ids, mask, prompt_len, points.to(dev))
     logp, comp_mask = completion_logprobs(mg.model, h, ids, prompt_len, completions, mg.vocab)
     if decisions is None:
         return logp, comp_mask, None, None
@@ -298,7 +298,7 @@ def trigger_logprobs(mg, prompts, completions, decisions, pad_id=0, batched=None
     The trigger reads tokens only, so this is one plain forward. Returns (B, M) log-probs and their mask.
     """
     dev = mg.model.device
-    ids, mask = batched if batched is not None else batch(prompts, completions, pad_id, dev)[:2]
+    ids, mask = batched if batched is not None else right_pad(prompts, completions, pad_id, dev)[:2]
     M = max([len(d) for d in decisions] + [1])
     at = torch.zeros(len(prompts), M, dtype=torch.long, device=dev)
     act = torch.zeros(len(prompts), M, device=dev)
@@ -441,7 +441,7 @@ def generate(mg, tokenizer, prompts, max_new_tokens=256, temperature=0.0, top_p=
 # Saving and loading the trained parts
 
 
-def modules(mg, part):
+def extra_tensors(mg, part):
     """The non-LoRA trainable tensors of a part (queries, norms, maps / the trigger head)."""
     return {k: v for k, v in mg.trainable(part).items() if ".lora_A." not in k and ".lora_B." not in k}
 
@@ -449,12 +449,12 @@ def modules(mg, part):
 def save(mg, path, parts=("weaver", "trigger")):
     """{path}/weaver.safetensors (+json), {path}/trigger.safetensors (+json): each adapter with its modules."""
     for part in parts:
-        extra = modules(mg, part)
+        extra = extra_tensors(mg, part)
         lora.save_adapter(mg.model, part, path, extra=extra, meta={"k": mg.k, "n": mg.n})
 
 
 def load(mg, path, parts=("weaver", "trigger")):
     for part in parts:
-        info = lora.load_adapter(mg.model, part, path, extra=modules(mg, part))
+        info = lora.load_adapter(mg.model, part, path, extra=extra_tensors(mg, part))
         if info.get("k", mg.k) != mg.k:
             raise ModelError(f"{path}/{part}.json was trained with K={info['k']} latents, this MemGen has K={mg.k}")

@@ -280,11 +280,11 @@ def token_nll(model, h, ids, mask, prompt_len, vocab):
 def sft_loss(target, method, examples, pad_id, vocab):
     """(summed NLL, tokens) of a micro-batch through the MemGen training forward or the plain LoRA model."""
     model = target.model if method == "sft" else target
-    ids, mask, prompt_len = memgen.batch([e["prompt"] for e in examples], [e["completion"] for e in examples],
+    ids, mask, prompt_len = memgen.right_pad([e["prompt"] for e in examples], [e["completion"] for e in examples],
                                          pad_id, model.device)
     if method == "sft":
         points = memgen.insertion_points(target, ids, mask, prompt_len)  # prompt end + first N delimiters
-        h = memgen.forward(target, ids, mask, prompt_len, points)
+        h = memgen.teacher_forced(target, ids, mask, prompt_len, points)
     else:
         with lora.use(model, "sft"):
             _, h = model(ids, mask=mask, logits="none")
@@ -293,7 +293,7 @@ def sft_loss(target, method, examples, pad_id, vocab):
 
 def lora_logprobs(model, prompts, completions, pad_id, vocab):
     """Completion token log-probs under the reasoner + "sft" LoRA: (B, Tc) and the mask (grpo-lora's policy)."""
-    ids, mask, prompt_len = memgen.batch(prompts, completions, pad_id, model.device)
+    ids, mask, prompt_len = memgen.right_pad(prompts, completions, pad_id, model.device)
     with lora.use(model, "sft"):
         _, h = model(ids, mask=mask, logits="none")
     return memgen.completion_logprobs(model, h, ids, prompt_len, completions, vocab)

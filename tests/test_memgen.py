@@ -100,14 +100,14 @@ def sft_batch(tok):
 def test_training_forward_equals_naive_reference(tiny, family, tied):
     mg, tok = make(tiny, family, tied)
     prompts, completions = sft_batch(tok)
-    ids, mask, prompt_len = memgen.batch(prompts, completions, tok.pad_id, "cpu")
+    ids, mask, prompt_len = memgen.right_pad(prompts, completions, tok.pad_id, "cpu")
     points = memgen.insertion_points(mg, ids, mask, prompt_len)
     counts = (points >= 0).sum(1).tolist()
     assert len(set(counts)) > 1 and max(counts) == mg.n + 1  # rows really differ, and N caps the count
     params = {k: p for k, p in mg.trainable("weaver").items()}
     weights = torch.randn(ids.shape[0], ids.shape[1], mg.model.cfg.vocab_size, generator=torch.Generator().manual_seed(9))
 
-    h = memgen.forward(mg, ids, mask, prompt_len, points)
+    h = memgen.teacher_forced(mg, ids, mask, prompt_len, points)
     logits = mg.model.head(h)
     loss = (logits * weights * mask[..., None]).sum()
     grads = torch.autograd.grad(loss, list(params.values()))
@@ -129,7 +129,7 @@ def test_training_forward_equals_naive_reference(tiny, family, tied):
 def test_insertion_points_follow_delimiters(tiny):
     mg, tok = make(tiny)
     prompts, completions = sft_batch(tok)
-    ids, mask, prompt_len = memgen.batch(prompts, completions, tok.pad_id, "cpu")
+    ids, mask, prompt_len = memgen.right_pad(prompts, completions, tok.pad_id, "cpu")
     points = memgen.insertion_points(mg, ids, mask, prompt_len)
     for b in range(len(prompts)):
         P, L = len(prompts[b]), int(mask[b].sum())

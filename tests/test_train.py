@@ -73,8 +73,8 @@ def first_token_nll(mg, examples):
     """Mean NLL of the first completion token, which the last latent's own slot predicts: the weaver controls
     that slot's input completely, so it can fit it whatever the (random) reasoner does."""
     with torch.no_grad():
-        ids, mask, plen = memgen.batch([e["prompt"] for e in examples], [e["completion"] for e in examples], 0, "cpu")
-        h = memgen.forward(mg, ids, mask, plen, plen[:, None])
+        ids, mask, plen = memgen.right_pad([e["prompt"] for e in examples], [e["completion"] for e in examples], 0, "cpu")
+        h = memgen.teacher_forced(mg, ids, mask, plen, plen[:, None])
         logits = mg.model.head(h[torch.arange(len(examples)), plen - 1])[:, :mg.vocab].float()
         return torch.nn.functional.cross_entropy(logits, ids[torch.arange(len(examples)), plen]).item()
 
@@ -121,7 +121,7 @@ def test_weaver_sft_fits_and_leaves_the_reasoner_alone(folder, task, tmp_path, m
 
 
 def test_sft_forward_loss_matches_a_plain_cross_entropy(folder, task):
-    """sft_loss through MemGen == cross-entropy of head(memgen.forward) over completion tokens, computed densely."""
+    """sft_loss through MemGen == cross-entropy of head(memgen.teacher_forced) over completion tokens, computed densely."""
     from model import load_tokenizer
     from data.gsm8k import load_task
 
@@ -131,8 +131,8 @@ def test_sft_forward_loss_matches_a_plain_cross_entropy(folder, task):
     mg.eval()
     ex, _ = tw.encode_examples(load_task(task, "train")[:3], tok, 512)
     s, n = tw.sft_loss(mg, "sft", ex, tok.pad_id, tok.vocab_size)
-    ids, mask, plen = memgen.batch([e["prompt"] for e in ex], [e["completion"] for e in ex], tok.pad_id, "cpu")
-    h = memgen.forward(mg, ids, mask, plen, memgen.insertion_points(mg, ids, mask, plen))
+    ids, mask, plen = memgen.right_pad([e["prompt"] for e in ex], [e["completion"] for e in ex], tok.pad_id, "cpu")
+    h = memgen.teacher_forced(mg, ids, mask, plen, memgen.insertion_points(mg, ids, mask, plen))
     logits = model.head(h)[..., :tok.vocab_size]
     ref, count = 0.0, 0
     for b, e in enumerate(ex):
@@ -154,8 +154,8 @@ def even_first_token(text, gold, rollout):
 def p_even_first(mg, prompts):
     """Exact P(first completion token is even) under MemGen (prompt insertion included)."""
     with torch.no_grad():
-        ids, mask, plen = memgen.batch(prompts, [[0]] * len(prompts), 0, "cpu")
-        h = memgen.forward(mg, ids, mask, plen, plen[:, None])
+        ids, mask, plen = memgen.right_pad(prompts, [[0]] * len(prompts), 0, "cpu")
+        h = memgen.teacher_forced(mg, ids, mask, plen, plen[:, None])
         p = torch.softmax(mg.model.head(h[torch.arange(len(prompts)), plen - 1])[:, :mg.vocab].float(), -1)
     return p[:, ::2].sum(1).mean().item()
 
@@ -201,7 +201,7 @@ def test_grpo_lora_moves_a_rigged_reward(folder, task, tmp_path, monkeypatch):
 
     def p_even(model):
         with torch.no_grad(), lora.use(model, "sft"):
-            ids, mask, plen = memgen.batch(prompts, [[0]] * len(prompts), 0, "cpu")
+            ids, mask, plen = memgen.right_pad(prompts, [[0]] * len(prompts), 0, "cpu")
             _, h = model(ids, mask=mask, logits="none")
             p = torch.softmax(model.head(h[torch.arange(len(prompts)), plen - 1])[:, :tok.vocab_size].float(), -1)
         return p[:, ::2].sum(1).mean().item()
@@ -238,7 +238,7 @@ def test_trigger_learns_a_rigged_reward_and_trains_only_itself(folder, task, tmp
 
     def p_insert(mg):
         with torch.no_grad():
-            ids, mask, plen = memgen.batch(prompts, [[]] * len(prompts), 0, "cpu")
+            ids, mask, plen = memgen.right_pad(prompts, [[]] * len(prompts), 0, "cpu")
             return memgen.trigger_forward(mg, ids, mask)[torch.arange(len(prompts)), plen - 1].mean().item()
 
     def capture(cfg, device):
