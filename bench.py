@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 
 import memgen
-from model import Config, KVCache, Transformer, generate, load_model, load_tokenizer, pick_dtype
+from model import Config, KVCache, Transformer, generate, load_model, pick_dtype
+from tokenizer import load_tokenizer
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests"))
 from test_memgen import naive_forward  # noqa: E402  the reference the tests hold our forward to
@@ -187,7 +188,8 @@ sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
 def rss(field):
     return int(next(l.split()[1] for l in open('/proc/self/status') if l.startswith(field))) * 1024
 import memgen
-from model import load_model, load_tokenizer
+from model import load_model
+from tokenizer import load_tokenizer
 base = rss('VmRSS:')
 m = load_model({path!r}, dtype={dtype!r}); tok = load_tokenizer({path!r})
 from model import generate
@@ -234,6 +236,9 @@ def main(argv=None):
         prompts = [torch.randint(1, cfg.vocab_size, (40 + 7 * b,), generator=g).tolist() for b in range(B)]
     else:
         dtype = pick_dtype(args.dtype)
+        from data.download import resolve_model
+
+        args.model = resolve_model(args.model)  # a hub id is downloaded once; load_model takes folders only
         model, tok = load_model(args.model, dtype=dtype), NoEos(load_tokenizer(args.model))
         cfg, new_tokens, B, seq_len = model.cfg, args.new_tokens, args.batch, 512
         from data.gsm8k import load_task, messages

@@ -433,7 +433,8 @@ def load_for(cfg):
     import lora
     import memgen
     from data.download import DownloadError, resolve_model
-    from model import ModelError, load_model, load_tokenizer
+    from model import ModelError, load_model
+    from tokenizer import load_tokenizer
 
     try:
         folder = resolve_model(cfg["model"])

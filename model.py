@@ -1,23 +1,22 @@
 """
-model.py: the reasoner. A from-scratch Qwen2 / Llama decoder that loads Hugging-Face safetensors folders,
-a preallocated KV cache with per-row validity masks, batched sampling, and a tiktoken-based tokenizer.
+model.py: the reasoner. A from-scratch Qwen2 / Llama decoder that loads Hugging Face safetensors folders, a
+preallocated KV cache with per-row validity masks, and batched sampling. The tokenizer lives in tokenizer.py;
+`generate` takes any tokenizer object with its interface (encode, decode, pad_id, eos_ids, vocab_size).
 
 Read top to bottom:
   1. Config          - what we read from config.json
-  2. Transformer     - RMSNorm, rotary embeddings, GQA attention, SwiGLU MLP; module names mirror the HF checkpoint
-  3. KVCache         - one slot counter shared by all rows + a (batch, slots) "valid" mask, so rows may hold
-                       different numbers of real positions (padding, or latents inserted in some rows only)
-  4. load_model      - meta-device construction + safetensors with assign=True (never two copies in memory)
+  2. KVCache         - a slot count per row + a (batch, slots) "valid" mask, so rows may hold different numbers of
+                       real positions (padding, or latents inserted in some rows only); its docstring is the one
+                       description of the begin / update / end / rollback contract
+  3. Transformer     - RMSNorm, rotary embeddings, GQA attention, SwiGLU MLP; module names mirror the HF checkpoint
+  4. load_model      - a local folder only: meta-device construction + safetensors with assign=True (never two copies
+                       in memory); scripts turn hub ids into folders first (data/download.py:resolve_model)
   5. generate        - prefill once, then one token per step from the cache
-  6. Tokenizer       - byte-level BPE on tiktoken, ChatML rendering
 """
 import json
 import os
-import re
-import unicodedata
 from dataclasses import dataclass
 
-import tiktoken
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -99,7 +98,161 @@ def read_config(path):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 2. Transformer
+# 2. KV cache
+
+
+class KVCache:
+    """
+    Keys and values of every layer for `batch` rows, with per-row bookkeeping:
+      lens[b]      slots row b has used (rows may differ: a row that inserts K latents moves on by K, the others
+                   do not),
+      valid[b, s]  whether slot s of row b holds a real position (False for padding and for rolled-back slots),
+      next_pos[b]  the rotary position id of row b's next real position.
+    A forward call may touch only some rows (`rows=`): MemGen runs the weaver, the trigger and a latent insertion
+    for just the rows that need them, and the other rows pay nothing.
+
+    Two storage modes. With max_len the storage is preallocated, (batch, kv_heads, max_len + 1, head_dim) per layer
+    (fast decoding, no grad). Without it, every call appends to all rows by concatenation, which autograd needs
+    (writing in place into a tensor that an earlier step read would break backward); MemGen's training forward uses
+    that mode, and there every call and every rollback covers all rows (rows=None), else ModelError.
+
+    The scratch slot (preallocated mode): one spare slot past the end, index max_len. A batched call gives every row
+    T new slots from its own lens[b], so padding of a row far along, batched with a row feeding a long segment, may
+    fall past max_len. Such slots are clamped onto the scratch slot, which is written but never valid and never
+    counted in lens. Only a real position past max_len means the cache is full (ModelError).
+
+    One forward call is begin, then update once per layer, then end (Transformer.forward does this). The state
+    between them lives on the cache (self.rows, self.slots, self.uniform, self.end_slot):
+      begin(mask, rows)    mask (B', T): which of the T new positions are real; rows (B',) long: the cache rows of
+                           the call (None = all, in order). It stores
+                             rows      the call's rows,
+                             slots     (B', T) the slot of each new position, lens[row] + 0..T-1, clamped onto the
+                                       scratch slot where that runs past max_len,
+                             uniform   True when rows is None, every row is at the same slot l0 and nothing is
+                                       clamped: update then writes the plain slice [l0, l0 + T) instead of indexing
+                                       per row,
+                             end_slot  the number of slots the call sees: max(lens) + T (max_len + 1 when clamped);
+                           writes mask into valid at those slots (appends it in growing mode) and returns the
+                           (B', 1, T, end_slot) boolean attention mask: a new position sees the valid slots of its row
+                           up to its own slot (causal in slot order, so a row never reads stale slots past its own),
+                           and always itself, so a padding query never has an all -inf softmax row (no real query
+                           ever sees a padding key, so this cannot leak).
+      update(layer, k, v)  k, v (B', kv_heads, T, head_dim), rotated, of one layer: written at `slots` of `rows`
+                           (appended in growing mode); returns that layer's keys and values of slots [0, end_slot)
+                           for the call's rows, this call's included.
+      end(mask)            commits the call: next_pos[row] += its number of real new positions; lens[row] moves to
+                           just past its last real new slot (preallocated: trailing padding - a finished row, or a
+                           row that sat out a latent insertion - is overwritten by its next call instead of taking up
+                           room), or by T (growing: the columns exist for all rows). Clears rows.
+    rollback(n, rows) runs between calls and forgets the last n slots of `rows` (default all): MemGen drops the
+    weaver's K query slots after reading their states. Preallocated: slots lens-n .. lens-1 become invalid, lens -= n
+    and next_pos moves back by the real ones among them. Growing: the columns stay (autograd holds them), but the last
+    n real slots of every row become invalid and next_pos moves back by as many (at most the row's real count).
+    """
+
+    def __init__(self, cfg, batch, max_len=None, device="cpu", dtype=torch.float32):
+        self.max_len = max_len
+        size = max_len + 1 if max_len else 0  # + the scratch slot
+        shape = (batch, cfg.num_kv_heads, size, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
+        self.valid = torch.zeros(batch, size, dtype=torch.bool, device=device)
+        self.lens = torch.zeros(batch, dtype=torch.long, device=device)
+        self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)
+        self.rows = None
+
+    def begin(self, mask, rows=None):
+        """Start a call: place T new slots for `rows` with validity `mask` (B', T); return the attention mask.
+        Contract: the class docstring."""
+        B, T = mask.shape
+        self.rows = rows
+        lens = self.lens if rows is None else self.lens[rows]
+        l0 = int(lens[0])
+        # the common case (every row at the same slot) writes plain slices; otherwise index the slots per row
+        self.uniform = rows is None and bool((lens == l0).all())
+        self.slots = lens[:, None] + torch.arange(T, device=mask.device)  # (B', T) slot of each new position
+        end = int(lens.max()) + T
+        if self.max_len is None:
+            if rows is not None:
+                raise ModelError("a growing (autograd) cache runs all rows together")
+            self.valid = valid = torch.cat([self.valid, mask], 1)
+        else:
+            if end > self.max_len:
+                need = int(torch.where(mask, self.slots + 1, 0).max())  # past the last real slot
+                if need > self.max_len:
+                    raise ModelError(f"KV cache is full: {need} slots needed, {self.max_len} allocated")
+                self.slots = self.slots.clamp(max=self.max_len)  # only padding lands on the scratch slot
+                self.uniform = False
+                end = self.max_len + 1
+            if self.uniform:
+                self.valid[:, l0:l0 + T] = mask
+                valid = self.valid[:, :end]
+            else:
+                r = torch.arange(B, device=mask.device) if rows is None else rows
+                self.valid[r[:, None], self.slots] = mask
+                valid = self.valid[r, :end]
+        key = torch.arange(end, device=mask.device)
+        allowed = (key <= self.slots[:, :, None]) & valid[:, None, :]  # causal in slot order, real keys only
+        # every query sees itself: no all -inf softmax row for a padding query (NaN), and no leak (class docstring)
+        allowed |= key == self.slots[:, :, None]
+        self.end_slot = end
+        return allowed[:, None]
+
+    def update(self, layer, k, v):
+        """Write this call's keys/values of one layer; return all keys/values the call attends to (class docstring)."""
+        end = self.end_slot
+        if self.max_len is None:
+            self.k[layer] = torch.cat([self.k[layer], k], 2)
+            self.v[layer] = torch.cat([self.v[layer], v], 2)
+            return self.k[layer], self.v[layer]
+        K, V = self.k[layer], self.v[layer]
+        if self.uniform:
+            start = end - k.shape[2]
+            K[:, :, start:end], V[:, :, start:end] = k, v
+            return K[:, :, :end], V[:, :, :end]
+        r = torch.arange(k.shape[0], device=k.device) if self.rows is None else self.rows
+        heads = torch.arange(k.shape[1], device=k.device)
+        idx = (r[:, None, None], heads[None, :, None], self.slots[:, None, :])
+        K[idx], V[idx] = k, v
+        if self.rows is None:
+            return K[:, :, :end], V[:, :, :end]
+        return K[self.rows, :, :end], V[self.rows, :, :end]
+
+    def end(self, mask):
+        """Commit the call: advance lens and next_pos of its rows (class docstring)."""
+        T = mask.shape[1]
+        if self.max_len is None:
+            advance = torch.full_like(mask[:, 0], T, dtype=torch.long)
+        else:
+            advance = (mask * torch.arange(1, T + 1, device=mask.device)).amax(1)
+        if self.rows is None:
+            self.lens = self.lens + advance
+            self.next_pos = self.next_pos + mask.sum(1)
+        else:
+            self.lens[self.rows] += advance
+            self.next_pos[self.rows] += mask.sum(1)
+        self.rows = None
+
+    def rollback(self, n, rows=None):
+        """Forget the last n slots of `rows` (MemGen drops the weaver's K query slots after reading them); see the
+        class docstring for what "last n" means in each mode."""
+        if self.max_len is None:
+            # a growing cache keeps its columns (autograd holds them); the slots just stop being real
+            if rows is not None:
+                raise ModelError("a growing (autograd) cache rolls back all rows together")
+            after = self.valid.flip(1).cumsum(1).flip(1)  # real slots at or after each slot
+            self.next_pos = self.next_pos - self.valid.sum(1).clamp(max=n)
+            self.valid = self.valid & (after > n)
+            return
+        r = torch.arange(len(self.lens), device=self.lens.device) if rows is None else rows
+        slots = self.lens[r][:, None] - n + torch.arange(n, device=self.lens.device)
+        self.next_pos[r] -= self.valid[r[:, None], slots].sum(1)
+        self.valid[r[:, None], slots] = False
+        self.lens[r] -= n
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3. Transformer
 
 
 class RMSNorm(nn.Module):
@@ -259,129 +412,6 @@ class Transformer(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 3. KV cache
-
-
-class KVCache:
-    """
-    Keys and values of every layer for `batch` rows, with per-row bookkeeping:
-      lens[b]      slots row b has used (rows may differ: a row that inserts K latents moves on by K, the others
-                   do not),
-      valid[b, s]  whether slot s of row b holds a real position (False for padding),
-      next_pos[b]  the rotary position id of row b's next real position.
-    A forward call may touch only some rows (`rows=`): MemGen runs the weaver, the trigger and a latent insertion
-    for just the rows that need them, and the other rows pay nothing.
-
-    With max_len the storage is preallocated (fast decoding, no grad). Without it, every call appends to all rows
-    by concatenation, which autograd needs (writing in place into a tensor that an earlier step read would break
-    backward); MemGen's training forward uses that mode.
-    """
-
-    def __init__(self, cfg, batch, max_len=None, device="cpu", dtype=torch.float32):
-        self.max_len = max_len
-        # one spare "scratch" slot past the end: padding that a batched call places beyond max_len (a row far along
-        # batched with a row feeding a long segment) is written there and never becomes real
-        size = max_len + 1 if max_len else 0
-        shape = (batch, cfg.num_kv_heads, size, cfg.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
-        self.valid = torch.zeros(batch, size, dtype=torch.bool, device=device)
-        self.lens = torch.zeros(batch, dtype=torch.long, device=device)
-        self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)
-        self.rows = None
-
-    def begin(self, mask, rows=None):
-        """Place T new slots for `rows` (default all) with validity `mask` (B', T); return the (B', 1, T, S)
-        attention mask over the S slots the call can see."""
-        B, T = mask.shape
-        self.rows = rows
-        lens = self.lens if rows is None else self.lens[rows]
-        l0 = int(lens[0])
-        # the common case (every row at the same slot) writes plain slices; otherwise index the slots per row
-        self.uniform = rows is None and bool((lens == l0).all())
-        self.slots = lens[:, None] + torch.arange(T, device=mask.device)  # (B', T) slot of each new position
-        end = int(lens.max()) + T
-        if self.max_len is None:
-            if rows is not None:
-                raise ModelError("a growing (autograd) cache runs all rows together")
-            self.valid = valid = torch.cat([self.valid, mask], 1)
-        else:
-            if end > self.max_len:
-                need = int(torch.where(mask, self.slots + 1, 0).max())  # past the last real slot
-                if need > self.max_len:
-                    raise ModelError(f"KV cache is full: {need} slots needed, {self.max_len} allocated")
-                self.slots = self.slots.clamp(max=self.max_len)  # only padding lands on the scratch slot
-                self.uniform = False
-                end = self.max_len + 1
-            if self.uniform:
-                self.valid[:, l0:l0 + T] = mask
-                valid = self.valid[:, :end]
-            else:
-                r = torch.arange(B, device=mask.device) if rows is None else rows
-                self.valid[r[:, None], self.slots] = mask
-                valid = self.valid[r, :end]
-        key = torch.arange(end, device=mask.device)
-        allowed = (key <= self.slots[:, :, None]) & valid[:, None, :]  # causal in slot order, real keys only
-        # every query may see itself, so a padding query never has an empty softmax row (which would give NaN);
-        # no real query ever sees a padding key, so this cannot leak
-        allowed |= key == self.slots[:, :, None]
-        self.end_slot = end
-        return allowed[:, None]
-
-    def update(self, layer, k, v):
-        """Write this call's keys/values of one layer; return all keys/values the call attends to."""
-        end = self.end_slot
-        if self.max_len is None:
-            self.k[layer] = torch.cat([self.k[layer], k], 2)
-            self.v[layer] = torch.cat([self.v[layer], v], 2)
-            return self.k[layer], self.v[layer]
-        K, V = self.k[layer], self.v[layer]
-        if self.uniform:
-            start = end - k.shape[2]
-            K[:, :, start:end], V[:, :, start:end] = k, v
-            return K[:, :, :end], V[:, :, :end]
-        r = torch.arange(k.shape[0], device=k.device) if self.rows is None else self.rows
-        heads = torch.arange(k.shape[1], device=k.device)
-        idx = (r[:, None, None], heads[None, :, None], self.slots[:, None, :])
-        K[idx], V[idx] = k, v
-        if self.rows is None:
-            return K[:, :, :end], V[:, :, :end]
-        return K[self.rows, :, :end], V[self.rows, :, :end]
-
-    def end(self, mask):
-        # a row moves on to just past its last real slot: trailing padding (a finished row, or a row that sat out
-        # a latent insertion) is overwritten by its next call instead of taking up room
-        T = mask.shape[1]
-        if self.max_len is None:
-            advance = torch.full_like(mask[:, 0], T, dtype=torch.long)
-        else:
-            advance = (mask * torch.arange(1, T + 1, device=mask.device)).amax(1)
-        if self.rows is None:
-            self.lens = self.lens + advance
-            self.next_pos = self.next_pos + mask.sum(1)
-        else:
-            self.lens[self.rows] += advance
-            self.next_pos[self.rows] += mask.sum(1)
-        self.rows = None
-
-    def rollback(self, n, rows=None):
-        """Forget the last n real slots of `rows` (MemGen drops the weaver's K query slots after reading them)."""
-        if self.max_len is None:
-            # a growing cache keeps its columns (autograd holds them); the slots just stop being real
-            if rows is not None:
-                raise ModelError("a growing (autograd) cache rolls back all rows together")
-            after = self.valid.flip(1).cumsum(1).flip(1)  # real slots at or after each slot
-            self.next_pos = self.next_pos - self.valid.sum(1).clamp(max=n)
-            self.valid = self.valid & (after > n)
-            return
-        r = torch.arange(len(self.lens), device=self.lens.device) if rows is None else rows
-        slots = self.lens[r][:, None] - n + torch.arange(n, device=self.lens.device)
-        self.next_pos[r] -= self.valid[r[:, None], slots].sum(1)
-        self.valid[r[:, None], slots] = False
-        self.lens[r] -= n
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # 4. Loading
 
 
@@ -428,11 +458,11 @@ def safetensors_files(path):
 
 
 def load_model(path, dtype="auto", device="auto"):
-    """Load a Qwen2/Llama HF folder (or download a hub name once, see data/download.py) into a Transformer."""
+    """Load a local Qwen2/Llama HF folder into a Transformer. Hub ids are the scripts' business: they download them
+    once with data.download.resolve_model and pass the folder here."""
     if not os.path.isdir(path):
-        from data.download import resolve_model  # only needed for hub names
-
-        path = resolve_model(path)
+        raise ModelError(f"model folder {path} not found; pass a local Hugging Face folder, or a hub id to a script, "
+                         "which downloads it")
     cfg = read_config(path)
     device, dtype = pick_device(device), pick_dtype(dtype, pick_device(device))
     files = safetensors_files(path)
@@ -541,292 +571,3 @@ def finish(out, tokenizer, keep_eos=False):
         seqs.append(row[:cut + 1] if keep_eos and cut < len(row) else row[:cut])
         texts.append(tokenizer.decode(row[:cut]))
     return seqs, texts
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# 6. Tokenizer
-# A HF byte-level BPE vocabulary stores every token as a printable unicode string (GPT-2's byte<->unicode map).
-# We undo that map to get raw token bytes, use the token id as the tiktoken merge rank (for these vocabularies
-# merge order == id order, checked at load), and translate the folder's pre-tokenizer into the single regex
-# tiktoken wants, so encoding runs in native code.
-
-# -----------------------------------------------------------------------------
-# pre-tokenizer regexes
-
-# GPT-2's regex, as HF's ByteLevel(use_regex=True) applies it.
-GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-
-# Sequence[Digits(individual_digits=True), ByteLevel(use_regex=True)] as ONE regex.
-# HF first cuts the text before and after every digit, then runs the GPT-2 regex inside
-# each digit-free piece. Two changes make the GPT-2 regex do both at once:
-#  - ` ?\p{N}+` becomes `\p{N}`: a digit is always a piece of its own, and never takes the
-#    space before it (that space ended the previous piece).
-#  - `\s+(?!\S)` becomes `\s+(?![^\s\p{N}])`: inside a piece, whitespace right before a digit
-#    sits at the END of the piece, so the lookahead must treat a digit like end-of-text.
-#    (With the plain lookahead "a   1" would split "a","  "," ","1" instead of "a","   ","1".)
-# No other branch can match a digit or look past one, so no match can cross a cut.
-GPT2_DIGITS_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"""
-
-# Qwen2's Split regex; used by Qwen2's slow tokenizer (vocab.json + merges.txt only).
-QWEN2_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-
-# tokenizer_config.json "tokenizer_class" -> (regex, NFC?) for folders without tokenizer.json
-SLOW_TOKENIZER_CLASSES = {
-    "Qwen2Tokenizer": (QWEN2_PATTERN, True),
-    "Qwen2TokenizerFast": (QWEN2_PATTERN, True),
-    "GPT2Tokenizer": (GPT2_PATTERN, False),
-    "GPT2TokenizerFast": (GPT2_PATTERN, False),
-}
-
-
-def _byte_to_unicode():
-    """GPT-2's reversible map from the 256 bytes to printable unicode characters."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    out, n = {b: chr(b) for b in printable}, 0
-    for b in range(256):
-        if b not in out:
-            out[b] = chr(256 + n)  # non-printable bytes are shifted past latin-1
-            n += 1
-    return out
-
-
-BYTE_TO_UNICODE = _byte_to_unicode()
-# str.translate table: byte-level char -> the latin-1 char of its byte, so .encode("latin-1")
-# turns a whole token into its bytes in C (a python loop over 151k tokens is too slow).
-_UNICODE_TO_LATIN1 = {ord(u): chr(b) for b, u in BYTE_TO_UNICODE.items()}
-# bytes that never occur in UTF-8 text, so a vocabulary may lack them harmlessly
-_NEVER_IN_UTF8 = {0xC0, 0xC1, *range(0xF5, 0x100)}
-
-# -----------------------------------------------------------------------------
-# reading the folder
-
-
-def _read_json(path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read {path}: {e}; re-download the model folder") from None
-
-
-def _pattern_from_tokenizer_json(pre, path):
-    """Map tokenizer.json's pre_tokenizer onto one tiktoken regex, or raise."""
-    def name(p):
-        return p.get("type") if isinstance(p, dict) else repr(p)
-
-    def byte_level(p, use_regex):
-        return (name(p) == "ByteLevel" and bool(p.get("use_regex", True)) == use_regex
-                and not p.get("add_prefix_space", False))
-
-    steps = pre.get("pretokenizers", []) if name(pre) == "Sequence" else [pre]
-    if len(steps) == 1 and byte_level(steps[0], True):
-        return GPT2_PATTERN
-    if len(steps) == 2:
-        first, second = steps
-        if (name(first) == "Digits" and first.get("individual_digits") and byte_level(second, True)):
-            return GPT2_DIGITS_PATTERN
-        if (name(first) == "Split" and "Regex" in first.get("pattern", {})
-                and first.get("behavior") == "Isolated" and not first.get("invert", False)
-                and byte_level(second, False)):
-            return first["pattern"]["Regex"]
-    desc = name(pre) + ("[" + ", ".join(name(p) for p in steps) + "]" if name(pre) == "Sequence" else "")
-    raise ValueError(
-        f"{path}: unsupported pre_tokenizer {desc}; supported are ByteLevel(use_regex=True), "
-        "Sequence[Digits(individual_digits=True), ByteLevel] and Sequence[Split(Regex, Isolated), "
-        "ByteLevel(use_regex=False)]")
-
-
-def _uses_nfc(normalizer, path):
-    if normalizer is None:
-        return False
-    kind = normalizer.get("type")
-    if kind == "NFC":
-        return True
-    if kind == "Sequence":  # e.g. Sequence[] or Sequence[NFC]
-        return any([_uses_nfc(n, path) for n in normalizer.get("normalizers", [])])
-    raise ValueError(f"{path}: unsupported normalizer {kind}; only NFC (or none) is supported")
-
-
-def _read_merges_txt(path):
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().split("\n")
-    # optional "#version" header, then one "left right" pair per line
-    return [ln for ln in lines if ln and not ln.startswith("#version")]
-
-
-def _read_folder(folder):
-    """-> vocab {str: id}, merges [str|list], added [(content, id, special)], pattern, nfc, configs"""
-    tj = os.path.join(folder, "tokenizer.json")
-    tcfg_path = os.path.join(folder, "tokenizer_config.json")
-    tcfg = _read_json(tcfg_path) if os.path.isfile(tcfg_path) else {}
-    if os.path.isfile(tj):
-        t = _read_json(tj)
-        model = t.get("model") or {}
-        if model.get("type", "BPE") != "BPE" or model.get("byte_fallback") or \
-                model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
-            raise ValueError(f"{tj}: model must be a plain byte-level BPE (got {model.get('type')}"
-                             f", byte_fallback={model.get('byte_fallback')})")
-        pattern = _pattern_from_tokenizer_json(t.get("pre_tokenizer") or {"type": None}, tj)
-        nfc = _uses_nfc(t.get("normalizer"), tj)
-        added = [(a["content"], int(a["id"]), bool(a.get("special", False))) for a in t.get("added_tokens", [])]
-        return model.get("vocab", {}), model.get("merges", []), added, pattern, nfc, tcfg
-    vj, mt = os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt")
-    if not (os.path.isfile(vj) and os.path.isfile(mt)):
-        raise ValueError(f"{folder}: no tokenizer files found (need tokenizer.json, or vocab.json + "
-                         "merges.txt); point to a Hugging-Face model folder")
-    cls = tcfg.get("tokenizer_class")
-    if cls not in SLOW_TOKENIZER_CLASSES:
-        raise ValueError(f"{folder}: has no tokenizer.json and tokenizer_class {cls!r} does not say which "
-                         f"pre-tokenizer to use (known: {sorted(SLOW_TOKENIZER_CLASSES)}); add tokenizer.json")
-    pattern, nfc = SLOW_TOKENIZER_CLASSES[cls]
-    added = [(a["content"], int(i), bool(a.get("special", False)))
-             for i, a in (tcfg.get("added_tokens_decoder") or {}).items()]
-    return _read_json(vj), _read_merges_txt(mt), added, pattern, nfc, tcfg
-
-
-# -----------------------------------------------------------------------------
-# the tokenizer
-
-
-class Tokenizer:
-    def __init__(self, folder, vocab, merges, added, pattern, nfc, tcfg, gcfg):
-        self.folder = folder
-        self.nfc = nfc
-        self.pattern = pattern
-
-        # token strings -> bytes; added tokens are kept out of BPE (tiktoken would otherwise
-        # happily merge its way to "<|im_end|>") and handled as tiktoken "special" tokens.
-        added_text = {c for c, _, _ in added}
-        regular = {s: i for s, i in vocab.items() if s not in added_text}
-        allowed = set(BYTE_TO_UNICODE.values())
-        stray = set("".join(regular)) - allowed
-        if stray:
-            raise ValueError(f"{folder}: vocabulary is not byte-level BPE (has characters "
-                             f"{sorted(stray)[:5]} outside GPT-2's byte alphabet)")
-        ranks = {s.translate(_UNICODE_TO_LATIN1).encode("latin-1"): i for s, i in regular.items()}
-        if len(ranks) != len(regular):
-            raise ValueError(f"{folder}: vocabulary has two tokens with the same bytes")
-
-        # tiktoken merges the adjacent pair whose concatenation has the lowest rank; HF merges the
-        # pair listed first in merges. Using ids as ranks is only right if merges follow id order.
-        last = -1
-        for k, m in enumerate(merges):
-            left, right = m if isinstance(m, (list, tuple)) else m.split(" ", 1)
-            i = regular.get(left + right)
-            if i is None or i <= last:
-                raise ValueError(f"{folder}: merge #{k} ({left!r} {right!r}) "
-                                 + ("makes a token missing from the vocabulary" if i is None else
-                                    "is out of token-id order, which this tokenizer does not support"))
-            last = i
-
-        self.special_ids = {i for _, i, special in added if special}
-        self._specials = {c: i for c, i, _ in added}
-        # HF matches NON-special added tokens (e.g. Qwen's "<tool_call>") inside ordinary text,
-        # but never turns special-token text (e.g. "<|im_end|>" in user input) into special ids.
-        self._allowed = {c for c, _, special in added if not special}
-        try:
-            self.enc = tiktoken.Encoding(f"hf:{folder}", pat_str=pattern, mergeable_ranks=ranks,
-                                         special_tokens=self._specials)
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except BaseException as e:  # pyo3 panics are BaseException, not Exception
-            raise ValueError(f"{folder}: tiktoken cannot build this vocabulary: {e}") from None
-
-        self._id_to_bytes = {i: b for b, i in ranks.items()}
-        self._id_to_bytes.update({i: c.encode("utf-8") for c, i, _ in added})
-        self.vocab_size = max(self._id_to_bytes) + 1
-
-        # Bytes the vocabulary has no single-byte token for: text containing them cannot be
-        # encoded (tiktoken would panic). Precompute one regex so encode() checks in C.
-        missing = set(range(256)) - {b[0] for b in ranks if len(b) == 1}
-        self.missing_bytes = sorted(missing)
-        reachable = sorted(missing - _NEVER_IN_UTF8)
-        self._bad = re.compile(b"[" + b"".join(re.escape(bytes([b])) for b in reachable) + b"]") if reachable else None
-
-        def token_id(text):
-            if isinstance(text, dict):  # old configs: {"content": "<|im_end|>", ...}
-                text = text.get("content")
-            return self._specials.get(text)
-
-        eos = gcfg.get("eos_token_id")
-        eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
-        eos |= {i for i in (token_id(tcfg.get("eos_token")), self._specials.get("<|im_end|>")) if i is not None}
-        self.eos_ids = sorted(int(i) for i in eos)
-        pad = token_id(tcfg.get("pad_token"))
-        self.pad_id = pad if pad is not None else (self.eos_ids[0] if self.eos_ids else None)
-        # the token that closes an assistant turn: SFT targets end with it, so the model learns to stop
-        end = self._specials.get("<|im_end|>")
-        self.end_id = end if end is not None else (self.eos_ids[0] if self.eos_ids else None)
-
-    # -- encoding
-
-    def _prepare(self, text):
-        if not isinstance(text, str):
-            raise ValueError(f"encode expects a str, got {type(text).__name__}")
-        if self.nfc:
-            text = unicodedata.normalize("NFC", text)
-        if self._bad is not None:
-            m = self._bad.search(text.encode("utf-8", "surrogatepass"))
-            if m is not None:
-                pos = len(text.encode("utf-8", "surrogatepass")[:m.start()].decode("utf-8", "ignore"))
-                raise ValueError(f"character {text[pos]!r} at position {pos} (byte 0x{m.group()[0]:02x}) "
-                                 f"cannot be encoded by this vocabulary ({self.folder}); remove it from the text")
-        return text
-
-    def encode(self, text):
-        """Ordinary text -> ids. Special-token text is encoded as plain text, never as special ids."""
-        text = self._prepare(text)
-        try:
-            return self.enc.encode(text, allowed_special=self._allowed, disallowed_special=())
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except BaseException as e:  # a Rust panic arrives as pyo3's PanicException(BaseException)
-            raise ValueError(f"tiktoken failed to encode {text[:50]!r}... with the vocabulary of "
-                             f"{self.folder}: {type(e).__name__}: {e}") from None
-
-    def encode_batch(self, texts):
-        # a plain loop: tiktoken's thread-pool batch is several times slower on short texts
-        return [self.encode(t) for t in texts]
-
-    def chat(self, messages, add_generation_prompt=True):
-        """ChatML, with no default system message (as MemGen's overridden chat template)."""
-        start, end = self._specials.get("<|im_start|>"), self._specials.get("<|im_end|>")
-        if start is None or end is None:
-            raise ValueError(f"{self.folder}: vocabulary has no <|im_start|>/<|im_end|> tokens, cannot render ChatML")
-        ids, newline = [], self.encode("\n")
-        for k, m in enumerate(messages):
-            if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
-                raise ValueError(f"chat message #{k} must be a dict with str 'role' and 'content', got {m!r}")
-            ids += [start, *self.encode(m["role"] + "\n" + m["content"]), end, *newline]
-        if add_generation_prompt:
-            ids += [start, *self.encode("assistant\n")]
-        return ids
-
-    # -- decoding
-
-    def token_bytes(self, i):
-        b = self._id_to_bytes.get(int(i))
-        if b is None:
-            raise ValueError(f"token id {i} is not in the vocabulary of {self.folder} (size {self.vocab_size})")
-        return b
-
-    def decode(self, ids, skip_special=False):
-        ids = [int(i) for i in ids]
-        if skip_special:
-            ids = [i for i in ids if i not in self.special_ids]
-        try:
-            return self.enc.decode(ids, errors="replace")
-        except (KeyError, OverflowError):  # unknown id / negative or huge id
-            bad = next(i for i in ids if i not in self._id_to_bytes)
-            self.token_bytes(bad)  # raises the clear ValueError
-
-
-def load_tokenizer(path):
-    """HF model folder -> Tokenizer."""
-    path = os.fspath(path)
-    if not os.path.isdir(path):
-        raise ValueError(f"{path}: not a folder; pass a Hugging-Face model folder with tokenizer.json")
-    vocab, merges, added, pattern, nfc, tcfg = _read_folder(path)
-    gpath = os.path.join(path, "generation_config.json")
-    gcfg = _read_json(gpath) if os.path.isfile(gpath) else {}
-    return Tokenizer(path, vocab, merges, added, pattern, nfc, tcfg, gcfg)

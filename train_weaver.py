@@ -439,7 +439,8 @@ def start(argv, namespace, prog, check_fn):
 def load_base(cfg, device):
     """The frozen base model and its tokenizer (downloaded once when a hub id is given)."""
     from data.download import DownloadError, resolve_model
-    from model import load_model, load_tokenizer
+    from model import load_model
+    from tokenizer import load_tokenizer
 
     try:
         folder = resolve_model(cfg["model"])

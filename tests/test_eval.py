@@ -8,7 +8,8 @@ import torch
 import eval as ev
 import lora
 import memgen
-from model import load_model, load_tokenizer
+from model import load_model
+from tokenizer import load_tokenizer
 
 GSM8K = Path(__file__).resolve().parents[1].parent / "shared/data/gsm8k"
 needs_gsm8k = pytest.mark.skipif(not (GSM8K / "test.jsonl").is_file(),

@@ -7,7 +7,8 @@ import torch
 
 import lora
 import memgen
-from model import generate, load_model, load_tokenizer
+from model import generate, load_model
+from tokenizer import load_tokenizer
 
 K = 4  # small K keeps the tiny tests fast; the code path is the same for K = 8
 

@@ -1,12 +1,16 @@
 """The reasoner against transformers on tiny random configs: logits, padding, cache, generate, loading errors."""
 import json
 import os
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from conftest import SMALL_MODEL, build_model_folder
-from model import KVCache, ModelError, generate, load_model, load_tokenizer
+from model import KVCache, ModelError, generate, load_model
+from tokenizer import load_tokenizer
 
 FAMILIES = [("qwen2", False), ("llama", True)]  # Qwen2: biases, untied head; Llama: no biases, tied head
 
@@ -162,8 +166,19 @@ def test_sampling_is_seeded(tiny):
 
 
 def test_missing_folder(tmp_path):
-    with pytest.raises(Exception, match="does not exist|not found|--model"):
-        load_model(str(tmp_path / "nope"))
+    # load_model takes local folders only (scripts resolve hub ids first): a clear ModelError, never a download
+    missing = str(tmp_path / "nope")
+    with pytest.raises(ModelError, match=re.escape(f"model folder {missing} not found; pass a local Hugging Face folder")):
+        load_model(missing)
+    with pytest.raises(ModelError, match="not found.*hub id to a script"):
+        load_model("Qwen/Qwen2.5-1.5B-Instruct")
+
+
+def test_model_imports_neither_data_nor_tokenizer():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ("import sys, model; bad = sorted(m for m in sys.modules if m == 'data' or m.startswith('data.') "
+            "or m == 'tokenizer'); assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], cwd=root, check=True)
 
 
 def test_folder_without_safetensors(tmp_path):

@@ -20,7 +20,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
 from tiny_tokenizer import FAMILIES, build_tokenizer_files  # noqa: E402
-from model import GPT2_DIGITS_PATTERN, GPT2_PATTERN, QWEN2_PATTERN, load_tokenizer  # noqa: E402
+from tokenizer import GPT2_DIGITS_PATTERN, GPT2_PATTERN, QWEN2_PATTERN, load_tokenizer  # noqa: E402
 
 REAL = os.environ.get("MEMGEN_SMALL_MODEL")
 
@@ -118,7 +118,7 @@ def assert_matches_hf(folder, texts, hf_gets_our_nfc=False):
 def check_bpe_core(hf, tok, n, seed=0):
     """tiktoken merges the adjacent pair whose concatenation has the lowest id; HF merges the
     pair listed first in merges. Glue random tokens into one piece and compare the two."""
-    from model import _UNICODE_TO_LATIN1
+    from tokenizer import _UNICODE_TO_LATIN1
     vocab = [t for t, i in hf.get_vocab(with_added_tokens=False).items() if i not in tok._specials.values()]
     rng = random.Random(seed)
     for _ in range(n):

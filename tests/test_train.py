@@ -96,7 +96,7 @@ def test_weaver_sft_fits_and_leaves_the_reasoner_alone(folder, task, tmp_path, m
     token as a LoRA on the reasoner can (above); it must fit the tokens read off its own latent slots, and lower
     the whole loss clearly."""
     from data.gsm8k import load_task
-    from model import load_tokenizer
+    from tokenizer import load_tokenizer
 
     tok = load_tokenizer(folder)
     examples, _ = tw.encode_examples(load_task(task, "train")[:8], tok, 512)
@@ -122,7 +122,7 @@ def test_weaver_sft_fits_and_leaves_the_reasoner_alone(folder, task, tmp_path, m
 
 def test_sft_forward_loss_matches_a_plain_cross_entropy(folder, task):
     """sft_loss through MemGen == cross-entropy of head(memgen.teacher_forced) over completion tokens, computed densely."""
-    from model import load_tokenizer
+    from tokenizer import load_tokenizer
     from data.gsm8k import load_task
 
     torch.manual_seed(0)
@@ -161,7 +161,7 @@ def p_even_first(mg, prompts):
 
 
 def test_grpo_moves_a_rigged_reward_and_trains_only_the_weaver(folder, task, tmp_path, monkeypatch):
-    from model import load_tokenizer
+    from tokenizer import load_tokenizer
     from data.gsm8k import load_task, messages
 
     monkeypatch.setattr(tw, "reward", even_first_token)
@@ -193,7 +193,7 @@ def test_grpo_moves_a_rigged_reward_and_trains_only_the_weaver(folder, task, tmp
 def test_grpo_lora_moves_a_rigged_reward(folder, task, tmp_path, monkeypatch):
     import lora
     from data.gsm8k import load_task, messages
-    from model import load_tokenizer
+    from tokenizer import load_tokenizer
 
     monkeypatch.setattr(tw, "reward", even_first_token)
     tok = load_tokenizer(folder)
@@ -225,7 +225,7 @@ def invoke_more(text, gold, rollout):
 
 
 def test_trigger_learns_a_rigged_reward_and_trains_only_itself(folder, task, tmp_path, monkeypatch):
-    from model import load_tokenizer
+    from tokenizer import load_tokenizer
     from data.gsm8k import load_task, messages
 
     weaver = str(tmp_path / "w")
