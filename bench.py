@@ -29,8 +29,7 @@ import memgen
 from model import Config, KVCache, Transformer, generate, load_model, pick_dtype
 from tokenizer import load_tokenizer
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests"))
-from test_memgen import naive_forward  # noqa: E402  the reference the tests hold our forward to
+from reference import naive_forward, official_style_decode
 
 
 class NoEos:
@@ -74,82 +73,6 @@ def timed(fn):
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return time.perf_counter() - t, out
-
-
-def left_pad_embeds(seqs):
-    T = max(len(s) for s in seqs)
-    x = seqs[0].new_zeros(len(seqs), T, seqs[0].shape[-1])
-    mask = torch.zeros(len(seqs), T, dtype=torch.bool, device=x.device)
-    for b, s in enumerate(seqs):
-        x[b, T - len(s):], mask[b, T - len(s):] = s, True
-    return x, mask
-
-
-@torch.no_grad()
-def official_style_decode(mg, tok, prompts, new_tokens):
-    """
-    Greedy MemGen decoding shaped like the official code (memgen/model/modeling_memgen.py, generate):
-      - a sentence boundary is found by decoding each row's last token to text, every step;
-      - at every insertion the weaver runs from scratch over the inserting rows' whole prefix, and the reasoner's
-        cache is dropped and rebuilt over every row's whole sequence;
-      - between insertions the reasoner decodes from its cache;
-      - once every row has used its N insertions, the rest is generated with use_cache=False: the whole
-        sequence is recomputed for every new token.
-    """
-    model, k, dev = mg.model, mg.k, mg.model.device
-    B = len(prompts)
-    seqs = [model.embed(torch.tensor(p, device=dev)) for p in prompts]
-    n_ins = [0] * B
-    out = [[] for _ in range(B)]
-
-    def weave(rows, is_prompt):
-        x, mask = left_pad_embeds([seqs[r] for r in rows])
-        q = mg.queries(torch.full((len(rows),), is_prompt, device=dev))
-        inp = torch.cat([mg.weaver.reasoner_to_weaver(x.float()), q], 1).to(model.dtype)
-        mask = torch.cat([mask, torch.ones(len(rows), k, dtype=torch.bool, device=dev)], 1)
-        with memgen.lora.use(model, "weaver"):
-            _, h = model(inputs_embeds=inp, mask=mask, logits="none")
-        lat = mg.weaver.weaver_to_reasoner(h[:, -k:].float()).to(model.dtype)
-        for r, latent in zip(rows, lat):
-            seqs[r] = torch.cat([seqs[r], latent])
-
-    def prefill(remaining):
-        x, mask = left_pad_embeds(seqs)
-        cache = KVCache(model.cfg, B, x.shape[1] + remaining, dev, model.dtype)
-        logits, _ = model(inputs_embeds=x, mask=mask, cache=cache, logits="last")
-        return cache, logits[:, -1]
-
-    def is_boundary(token):
-        return tok.decode([token]).endswith(memgen.DELIMITERS)
-
-    weave(list(range(B)), True)
-    cache, logits = prefill(new_tokens)
-    for t in range(new_tokens):
-        tok_ids = logits.argmax(-1)
-        emb = model.embed(tok_ids)
-        for b in range(B):
-            out[b].append(int(tok_ids[b]))
-            seqs[b] = torch.cat([seqs[b], emb[b:b + 1]])
-        if t == new_tokens - 1:
-            break
-        if cache is None:  # every row is out of insertions: no cache from here on (use_cache=False)
-            x, mask = left_pad_embeds(seqs)
-            logits = model(inputs_embeds=x, mask=mask, logits="last")[0][:, -1]
-            continue
-        rows = [b for b in range(B) if n_ins[b] < mg.n and is_boundary(int(tok_ids[b]))]
-        if rows:
-            weave(rows, False)
-            for r in rows:
-                n_ins[r] += 1
-            if all(n >= mg.n for n in n_ins):
-                cache = None
-                x, mask = left_pad_embeds(seqs)
-                logits = model(inputs_embeds=x, mask=mask, logits="last")[0][:, -1]
-            else:
-                cache, logits = prefill(new_tokens - t)
-        else:
-            logits = model(tok_ids[:, None], cache=cache, logits="last")[0][:, -1]
-    return out
 
 
 def sft_step(mg, ids, mask, prompt_len, naive):

@@ -5,20 +5,24 @@ memgen.py: MemGen (arXiv 2509.24704) on one base model: reasoner, memory weaver 
     weaver   = the base model + the "weaver" LoRA           (paper §3.2, the memory weaver)
     trigger  = the base model + the "trigger" LoRA + Linear(hidden, 2) on the last hidden state  (paper §3.3)
 
-One problem's journey through this file (see generate()):
-  1. the prompt runs through the reasoner (prefill) and the weaver (prefill of its own cache);
-  2. at the end of the prompt, and after every completion token whose text ends with "," "." or "\\n" (at most
-     N times in a completion), the trigger may decide to insert memory (mode "always" inserts every time);
-  3. the weaver reads the sequence so far (token embeddings and earlier latents mapped by reasoner_to_weaver) with
-     K learned queries appended; its last-layer hidden states at the queries, mapped by weaver_to_reasoner, are K
-     latent vectors, which the reasoner reads as if they were tokens (inputs_embeds) at the next position ids;
-  4. the reasoner samples the next token from the logits after the last latent. Latents are never sampled and
-     never get a loss.
+Read this file top to bottom to follow one problem's journey:
+  1. MemGen          the trainable parts around the frozen base model; where insertions may happen (is_delim)
+  2. weave           one cached weaver call: new inputs + K queries -> K latents in the reasoner's space
+  3. trigger_probs   the trigger's p(insert) from its last hidden state
+  4. generate        decoding: the prompt is prefilled; at the end of the prompt and after every token ending in
+                     "," "." or "\\n" (at most N times) the rows (a) DECIDE whether to insert, (b) WEAVE latents,
+                     (c) FEED the latents to the reasoner at the next position ids; then (d) SAMPLE the next token
+                     from the logits after the last slot, so a latent is never sampled
+  5. teacher_forced  the same computation over known completions (training): weaver rounds, sequence assembly,
+                     packed reasoner pass
+  6. logprobs        RL: log-probs of sampled completions (and of the trigger's decisions) under the policy
+  7. save / load     the trained parts as safetensors + json
 
-Speed: every model call here is cached and batched. The weaver keeps a KV cache over the sequence, so an
-insertion feeds only the tokens since its last call plus K queries, then drops the query slots again (the official
-code re-runs the weaver over the whole prefix each time). Calls are made for the rows that need them only.
+Speed: every model call is cached and batched. The weaver keeps a KV cache over the sequence, so an insertion feeds
+only what is new since that row's last call plus K queries, then drops the query slots again (the official code
+re-runs the weaver over the whole prefix each time). Calls are made for the rows that need them only.
 """
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -32,6 +36,10 @@ DELIMITERS = (",", ".", "\n")  # an insertion point follows a token whose text e
 TRIGGER_MODES = ("always", "learned", "random", "off")
 TRIGGER_MODE = "always"  # the official default: insert at every allowed point
 TRIGGER_THRESHOLD = 0.5  # "learned" without sampling inserts when p(insert) >= this
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 1. The parts
 
 
 class MemGen(nn.Module):
@@ -94,7 +102,7 @@ def delimiter_table(tokenizer, vocab_size):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The weaver: one cached call per insertion
+# 2. The weaver: one cached call per insertion
 
 
 def weave(mg, cache, new_embeds, new_mask, is_prompt, rows=None):
@@ -123,13 +131,196 @@ def weave(mg, cache, new_embeds, new_mask, is_prompt, rows=None):
     return w.weaver_to_reasoner(h.float()).to(dtype)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# 3. The trigger
+
+
 def trigger_probs(mg, hidden):
     """Trigger hidden states -> p(insert)."""
     return torch.softmax(mg.trigger.head(hidden.float()), -1)[..., 1]
 
 
+def trigger_forward(mg, ids, mask):
+    """The trigger reads the token sequence only (no latents): (B, T) -> p(insert) after each token, (B, T)."""
+    with lora.use(mg.model, "trigger"):
+        _, h = mg.model(ids, mask=mask, logits="none")
+    return trigger_probs(mg, h)
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# Training forward: teacher-forced sequences with latents inserted at given points
+# 4. Decoding
+
+
+@dataclass
+class Rows:
+    """Per-row decoding state (B rows). Completion index t counts sampled tokens; an insertion "at t" goes in before
+    completion token t (t = 0: the end of the prompt)."""
+    out: torch.Tensor  # (B, max_new) sampled ids, pad after EOS
+    logps: torch.Tensor  # (B, max_new) log-prob of each sampled token under the raw logits
+    next_logits: torch.Tensor  # (B, V) the reasoner's logits after each row's last slot
+    done: torch.Tensor  # (B,) the row sampled EOS
+    n_ins: torch.Tensor  # (B,) inference insertions so far (the prompt's does not count toward N)
+    w_seen: torch.Tensor  # (B,) completion tokens the weaver has read
+    g_seen: torch.Tensor  # (B,) ... and the trigger
+    pending: torch.Tensor  # (B, K, D) each row's last latents, which its weaver has not read yet
+    has_pending: torch.Tensor  # (B,)
+    g_hidden: torch.Tensor  # (B, D) or None: the trigger's state at the end of the prompt
+    insertions: list  # per row: completion indices where latents went in
+    decisions: list  # per row: (completion index, p(insert), 0/1) wherever the trigger was asked
+
+
+def new_tokens(st, rows, seen, t):
+    """Completion tokens [seen[r], t) of each row in `rows`, right-padded, and their mask."""
+    start = seen[rows]
+    S = max(int((t - start).max()), 0)
+    idx = start[:, None] + torch.arange(S, device=start.device)
+    return st.out[rows[:, None], idx.clamp(max=max(t - 1, 0))], idx < t
+
+
+def decide(mg, st, caches, rows, t, mode, gen, trigger_sample):
+    """(a) DECIDE: which of `rows` insert at completion index t. "learned" catches the trigger's cache up over the
+    tokens since its last call and reads p(insert) from its last hidden state."""
+    dev = rows.device
+    if mode == "always":
+        return torch.ones(len(rows), dtype=torch.bool, device=dev)
+    if mode == "random":  # the paper's ablation: insert with p = 0.5
+        return torch.rand(len(rows), generator=gen, device=dev) < 0.5
+    if t > 0:
+        seg, seg_mask = new_tokens(st, rows, st.g_seen, t)
+        with lora.use(mg.model, "trigger"):
+            _, h = mg.model(seg, mask=seg_mask, cache=caches["trigger"], rows=rows, logits="none")
+        last = seg_mask.long().cumsum(1).argmax(1)  # the last real slot of each row
+        hid = h[torch.arange(len(rows), device=dev), last]
+        st.g_seen[rows] = t
+    else:
+        hid = st.g_hidden[rows]
+    p = trigger_probs(mg, hid)
+    fire = (torch.rand(len(rows), generator=gen, device=dev) < p) if trigger_sample else p >= TRIGGER_THRESHOLD
+    for r, pr, f in zip(rows.tolist(), p.tolist(), fire.tolist()):
+        st.decisions[r].append((t, pr, int(f)))
+    return fire
+
+
+def weave_rows(mg, st, caches, rows, t):
+    """(b) WEAVE: the weaver reads each row's latents of its previous insertion and its tokens since, then the K
+    queries; returns the K latents per row."""
+    model, k = mg.model, mg.k
+    seg, seg_mask = new_tokens(st, rows, st.w_seen, t)
+    new = torch.cat([st.pending[rows], model.embed(seg)], 1)
+    new_mask = torch.cat([st.has_pending[rows, None].expand(-1, k), seg_mask], 1)
+    is_prompt = torch.full((len(rows),), t == 0, device=rows.device)
+    lat = weave(mg, caches["weaver"], new, new_mask, is_prompt, rows)
+    st.w_seen[rows] = t
+    st.pending[rows], st.has_pending[rows] = lat, True
+    return lat
+
+
+def feed(mg, st, caches, rows, lat, t):
+    """(c) FEED: the reasoner reads the latents as input embeddings at the next position ids of the inserting rows
+    only; their next-token logits now follow the last latent."""
+    logits, _ = mg.model(inputs_embeds=lat, cache=caches["reasoner"], rows=rows, logits="last")
+    st.next_logits[rows] = logits[:, -1, :mg.vocab].float()
+    for r in rows.tolist():
+        st.insertions[r].append(t)
+    if t > 0:
+        st.n_ins[rows] += 1
+
+
+def insert(mg, st, caches, cand, t, mode, gen, trigger_sample):
+    """(a)-(c) for the candidate rows (a bool mask) at completion index t."""
+    rows = cand.nonzero().squeeze(1)
+    rows = rows[decide(mg, st, caches, rows, t, mode, gen, trigger_sample)]
+    if len(rows):
+        feed(mg, st, caches, rows, weave_rows(mg, st, caches, rows, t), t)
+
+
+def prefill(mg, ids, pmask, max_new_tokens, mode):
+    """The prompt into the reasoner's cache, and into the weaver's and trigger's own caches when they will be used.
+    Returns the caches and the reasoner's logits after the prompt."""
+    model, k, dev, dtype = mg.model, mg.k, mg.model.device, mg.model.dtype
+    B, P = ids.shape
+    slots = P + max_new_tokens + k * (mg.n + 1)
+    caches = {"reasoner": KVCache(model.cfg, B, slots, dev, dtype)}  # tokens and latents
+    logits, _ = model(ids, mask=pmask, cache=caches["reasoner"], logits="last")
+    g_hidden = None
+    if mode != "off":  # the weaver reads the prompt once; every later call only feeds what is new
+        caches["weaver"] = KVCache(model.cfg, B, slots + k, dev, dtype)  # tokens, latents and K query slots
+        with lora.use(model, "weaver"):
+            x = mg.weaver.reasoner_to_weaver(model.embed(ids).float()).to(dtype)
+            model(inputs_embeds=x, mask=pmask, cache=caches["weaver"], logits="none")
+    if mode == "learned":
+        caches["trigger"] = KVCache(model.cfg, B, P + max_new_tokens, dev, dtype)  # tokens only
+        with lora.use(model, "trigger"):
+            _, g_hidden = model(ids, mask=pmask, cache=caches["trigger"], logits="none")
+        g_hidden = g_hidden[:, -1]
+    return caches, logits[:, -1, :mg.vocab].float(), g_hidden
+
+
+@torch.no_grad()
+def generate(mg, tokenizer, prompts, max_new_tokens=256, temperature=0.0, top_p=1.0, seed=0, mode=None,
+             trigger_sample=False):
+    """
+    Batched MemGen decoding with KV caches for the reasoner, the weaver and the trigger.
+    prompts: id lists (Tokenizer.chat) or strings. mode: trigger mode (default mg.mode). trigger_sample: in mode
+    "learned", sample the trigger's decision (RL) instead of thresholding it.
+    Returns one dict per row: ids (completion ids, EOS included when sampled), text (EOS excluded), logprobs (of
+    each sampled token, from the raw logits), insertions (completion indices where latents went in, 0 = end of
+    prompt), decisions (completion index, p(insert), 0/1) at every point the trigger was asked.
+    """
+    mode = mg.mode if mode is None else mode
+    if mode not in TRIGGER_MODES:
+        raise ModelError(f"unknown trigger mode {mode!r}: use one of {', '.join(TRIGGER_MODES)}")
+    model, k, dev = mg.model, mg.k, mg.model.device
+    prompts = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+    max_new_tokens = check_prompts(model, prompts, max_new_tokens)
+    ids, pmask = left_pad(prompts, tokenizer.pad_id, dev)
+    B = ids.shape[0]
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    eos = torch.tensor(tokenizer.eos_ids, device=dev)
+    caches, next_logits, g_hidden = prefill(mg, ids, pmask, max_new_tokens, mode)
+    zeros = lambda dtype=torch.long: torch.zeros(B, dtype=dtype, device=dev)  # noqa: E731
+    st = Rows(out=torch.full((B, max_new_tokens), tokenizer.pad_id, dtype=torch.long, device=dev),
+              logps=torch.zeros(B, max_new_tokens, device=dev), next_logits=next_logits,
+              done=zeros(torch.bool), n_ins=zeros(), w_seen=zeros(), g_seen=zeros(),
+              pending=torch.zeros(B, k, model.cfg.hidden_size, dtype=model.dtype, device=dev),
+              has_pending=zeros(torch.bool), g_hidden=g_hidden,
+              insertions=[[] for _ in range(B)], decisions=[[] for _ in range(B)])
+
+    if mode != "off":  # the end of the prompt is always a candidate
+        insert(mg, st, caches, torch.ones(B, dtype=torch.bool, device=dev), 0, mode, gen, trigger_sample)
+    for t in range(max_new_tokens):
+        # (d) SAMPLE: from the logits after each row's last slot, so never from a latent
+        tok = sample(st.next_logits, temperature, top_p, gen)
+        tok = torch.where(st.done, tokenizer.pad_id, tok)
+        st.logps[:, t] = torch.log_softmax(st.next_logits, -1).gather(1, tok[:, None]).squeeze(1)
+        st.out[:, t] = tok
+        st.done = st.done | torch.isin(tok, eos)
+        if t == max_new_tokens - 1 or bool(st.done.all()):
+            break
+        logits, _ = model(tok[:, None], cache=caches["reasoner"], mask=~st.done[:, None], logits="last")
+        st.next_logits = logits[:, -1, :mg.vocab].float()
+        if mode != "off":  # a sentence boundary in a row with insertions left: (a)-(c) before token t+1
+            cand = mg.is_delim[tok] & ~st.done & (st.n_ins < mg.n)
+            if bool(cand.any()):
+                insert(mg, st, caches, cand, t + 1, mode, gen, trigger_sample)
+    return finish_rows(st, tokenizer)
+
+
+def finish_rows(st, tokenizer):
+    """Per-row results: cut after EOS, decode the text without it."""
+    results = []
+    eos_set = set(tokenizer.eos_ids)
+    for b, row in enumerate(st.out.tolist()):
+        cut = next((i + 1 for i, x in enumerate(row) if x in eos_set), len(row))
+        ids_b = row[:cut]
+        text_ids = ids_b[:-1] if ids_b and ids_b[-1] in eos_set else ids_b
+        results.append(dict(ids=ids_b, text=tokenizer.decode(text_ids), logprobs=st.logps[b, :cut].tolist(),
+                            insertions=st.insertions[b], decisions=st.decisions[b]))
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 5. Training: teacher-forced sequences with latents inserted at given points
 
 
 def insertion_points(mg, ids, mask, prompt_len, n=None):
@@ -161,39 +352,60 @@ def teacher_forced(mg, ids, mask, prompt_len, points):
     insert latents before (sorted, -1 = none); a point equal to prompt_len is the prompt insertion.
     Returns hidden (B, T, D): hidden[:, t] is the reasoner's state that predicts token t+1 - the slot right before
     token t+1, which is the last latent when latents were inserted there. Logits: mg.model.head(hidden).
-
-    The weaver runs once per insertion *round* j for all rows together, each row feeding its own new segment
-    (latents of round j-1 + tokens since its previous point, padded) into a growing KV cache. Then the reasoner
-    runs once over the assembled sequences.
+    Three stages: weaver_rounds (all latents), assemble (tokens and latents in one sequence per row), and
+    packed_reasoner (the reasoner over all rows at once).
     """
-    model, k = mg.model, mg.k
-    B, T = ids.shape
-    D, dev = model.cfg.hidden_size, ids.device
-    embeds = model.embed(ids)
-    has = points >= 0
-    J = points.shape[1]
+    embeds = mg.model.embed(ids)
+    latents = weaver_rounds(mg, embeds, points, prompt_len)
+    seq, seq_len, tok_slot = assemble(mg, embeds, mask, points, latents)
+    h = packed_reasoner(mg, seq, seq_len)
+    pred_slot = torch.cat([tok_slot[:, 1:] - 1, tok_slot[:, -1:]], 1).clamp(max=seq.shape[1] - 1)
+    return h.gather(1, pred_slot[..., None].expand(-1, -1, h.shape[-1]))
+
+
+def weaver_rounds(mg, embeds, points, prompt_len):
+    """
+    Stage 1: the latents of every insertion. The weaver runs once per insertion *round* j for all rows together,
+    each row feeding its own new segment (its latents of round j-1, then its tokens since its previous point,
+    padded) into a growing KV cache, so insertion j sees everything before it, latents included.
+    Returns a list of J tensors (B, K, D) (a row without a j-th point gets latents that are never used).
+    """
+    model = mg.model
+    B, T, D = embeds.shape
+    dev, has, J = embeds.device, points >= 0, points.shape[1]
     latents = []
-    if J and has.any():
-        cache = KVCache(model.cfg, B, device=dev, dtype=model.dtype)  # growing: autograd-friendly
-        prev = torch.zeros(B, dtype=torch.long, device=dev)
-        prev_lat = torch.zeros(B, 0, D, dtype=model.dtype, device=dev)
-        prev_has = torch.zeros(B, dtype=torch.bool, device=dev)
-        for j in range(J):
-            p = torch.where(has[:, j], points[:, j], prev)
-            S = int((p - prev).max())
-            idx = prev[:, None] + torch.arange(S, device=dev)
-            seg_mask = idx < p[:, None]
-            seg = embeds.gather(1, idx.clamp(max=T - 1)[..., None].expand(-1, -1, D))
-            lat_mask = prev_has[:, None].expand(-1, prev_lat.shape[1])
-            new = torch.cat([prev_lat, seg], 1)
-            lat = weave(mg, cache, new, torch.cat([lat_mask, seg_mask], 1), p == prompt_len)
-            latents.append(lat)
-            prev, prev_lat, prev_has = p, lat, has[:, j]
-    # assemble the reasoner's sequence by one gather: token t of row b moves right by K per point <= t
+    if not (J and has.any()):
+        return latents
+    cache = KVCache(model.cfg, B, device=dev, dtype=model.dtype)  # growing: autograd-friendly
+    prev = torch.zeros(B, dtype=torch.long, device=dev)
+    prev_lat = torch.zeros(B, 0, D, dtype=model.dtype, device=dev)
+    prev_has = torch.zeros(B, dtype=torch.bool, device=dev)
+    for j in range(J):
+        p = torch.where(has[:, j], points[:, j], prev)
+        S = int((p - prev).max())
+        idx = prev[:, None] + torch.arange(S, device=dev)
+        seg_mask = idx < p[:, None]
+        seg = embeds.gather(1, idx.clamp(max=T - 1)[..., None].expand(-1, -1, D))
+        lat_mask = prev_has[:, None].expand(-1, prev_lat.shape[1])
+        new = torch.cat([prev_lat, seg], 1)
+        lat = weave(mg, cache, new, torch.cat([lat_mask, seg_mask], 1), p == prompt_len)
+        latents.append(lat)
+        prev, prev_lat, prev_has = p, lat, has[:, j]
+    return latents
+
+
+def assemble(mg, embeds, mask, points, latents):
+    """
+    Stage 2: each row's reasoner input, tokens with the K latents of each point in front of the token at that
+    point, by one gather. Returns the sequences (B, S, D), their lengths (B,), and tok_slot (B, T): where each
+    token landed (token t of row b moves right by K per point <= t).
+    """
+    k = mg.k
+    B, T, D = embeds.shape
+    dev, has, J = embeds.device, points >= 0, points.shape[1]
     n_before = (has[:, None, :] & (points[:, None, :] <= torch.arange(T, device=dev)[None, :, None])).sum(-1)
-    tok_slot = torch.arange(T, device=dev)[None] + k * n_before  # (B, T)
-    lengths = mask.sum(1)
-    total = lengths + k * has.sum(1)
+    tok_slot = torch.arange(T, device=dev)[None] + k * n_before
+    total = mask.sum(1) + k * has.sum(1)
     S = int(total.max())
     # one spare slot per point keeps the padding tokens' slots in range; they are cut off below
     src_index = torch.zeros(B, T + k * J, dtype=torch.long, device=dev)
@@ -207,12 +419,21 @@ def teacher_forced(mg, ids, mask, prompt_len, points):
         src = torch.cat([embeds] + latents, 1)
     else:
         src = embeds
-    src_index = src_index[:, :S]
-    aug = src.gather(1, src_index[..., None].expand(-1, -1, D))
-    aug_mask = torch.arange(S, device=dev)[None] < total[:, None]
-    # The reasoner reads the rows packed into as few rows of length S as they fit in (first-fit, longest first),
-    # each sequence attending only to itself: short rows share a row instead of being padded to the longest.
-    lens = total.tolist()
+    seq = src.gather(1, src_index[:, :S, None].expand(-1, -1, D))
+    return seq, total, tok_slot
+
+
+def packed_reasoner(mg, seq, seq_len):
+    """
+    Stage 3: the frozen reasoner over all rows' sequences (B, S, D) at once, returning its hidden states (B, S, D).
+    Rows are packed into as few rows of length S as they fit in (first-fit, longest first), each sequence
+    attending only to itself (segment ids) with its own position ids: short rows share a row instead of being
+    padded to the longest.
+    """
+    model = mg.model
+    B, S, D = seq.shape
+    dev = seq.device
+    lens = seq_len.tolist()
     fill, where = [], {}
     for b in sorted(range(B), key=lambda b: -lens[b]):
         i = next((i for i, f in enumerate(fill) if f + lens[b] <= S), len(fill))
@@ -222,24 +443,20 @@ def teacher_forced(mg, ids, mask, prompt_len, points):
         fill[i] += lens[b]
     start = torch.tensor([where[b][0] * S + where[b][1] for b in range(B)], device=dev)
     t = torch.arange(S, device=dev)[None].expand(B, S)
-    dest = (start[:, None] + t)[aug_mask]  # packed slot of every real slot, in row-major order
+    real = t < seq_len[:, None]
+    dest = (start[:, None] + t)[real]  # packed slot of every real slot, in row-major order
     R = len(fill)
-    packed = aug.new_zeros(R * S, D).index_put((dest,), aug[aug_mask]).view(R, S, D)
-    pos = torch.zeros(R * S, dtype=torch.long, device=dev).index_put((dest,), t[aug_mask]).view(R, S)
-    seg = torch.full((R * S,), -1, dtype=torch.long, device=dev)
-    seg = seg.index_put((dest,), torch.arange(B, device=dev)[:, None].expand(B, S)[aug_mask]).view(R, S)
+    packed = seq.new_zeros(R * S, D).index_put((dest,), seq[real]).view(R, S, D)
+    pos = torch.zeros(R * S, dtype=torch.long, device=dev).index_put((dest,), t[real]).view(R, S)
+    segment = torch.full((R * S,), -1, dtype=torch.long, device=dev)
+    segment = segment.index_put((dest,), torch.arange(B, device=dev)[:, None].expand(B, S)[real]).view(R, S)
     with lora.use(model, None):
-        _, hp = model(inputs_embeds=packed, positions=pos, segments=seg, mask=seg >= 0, logits="none")
-    h = hp.new_zeros(B, S, D).index_put((aug_mask,), hp.reshape(R * S, D)[dest])
-    pred_slot = torch.cat([tok_slot[:, 1:] - 1, tok_slot[:, -1:]], 1).clamp(max=S - 1)
-    return h.gather(1, pred_slot[..., None].expand(-1, -1, D))
+        _, hp = model(inputs_embeds=packed, positions=pos, segments=segment, mask=segment >= 0, logits="none")
+    return hp.new_zeros(B, S, D).index_put((real,), hp.reshape(R * S, D)[dest])
 
 
-def trigger_forward(mg, ids, mask):
-    """The trigger reads the token sequence only (no latents): (B, T) -> p(insert) after each token, (B, T)."""
-    with lora.use(mg.model, "trigger"):
-        _, h = mg.model(ids, mask=mask, logits="none")
-    return trigger_probs(mg, h)
+# ----------------------------------------------------------------------------------------------------------------
+# 6. RL log-probs
 
 
 def right_pad(prompts, completions, pad_id, device):
@@ -286,8 +503,8 @@ def completion_logprobs(model, h, ids, prompt_len, completions, vocab):
     pos = (prompt_len[:, None] - 1 + torch.arange(Tc, device=dev)).clamp(max=ids.shape[1] - 2)
     comp_mask = torch.arange(Tc, device=dev)[None] < torch.tensor([len(c) for c in completions], device=dev)[:, None]
     hs = h.gather(1, pos[..., None].expand(-1, -1, h.shape[-1]))
-    targets = ids.gather(1, pos + 1)
-    logp = torch.log_softmax(model.head(hs)[..., :vocab].float(), -1).gather(-1, targets[..., None]).squeeze(-1)
+    labels = ids.gather(1, pos + 1)
+    logp = torch.log_softmax(model.head(hs)[..., :vocab].float(), -1).gather(-1, labels[..., None]).squeeze(-1)
     return logp * comp_mask, comp_mask
 
 
@@ -312,133 +529,7 @@ def trigger_logprobs(mg, prompts, completions, decisions, pad_id=0, batched=None
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Decoding
-
-
-@torch.no_grad()
-def generate(mg, tokenizer, prompts, max_new_tokens=256, temperature=0.0, top_p=1.0, seed=0, mode=None,
-             trigger_sample=False):
-    """
-    Batched MemGen decoding with KV caches for the reasoner, the weaver and the trigger.
-    prompts: id lists (Tokenizer.chat) or strings. mode: trigger mode (default mg.mode). trigger_sample: in mode
-    "learned", sample the trigger's decision (RL) instead of thresholding it.
-    Returns one dict per row: ids (completion ids, EOS included when sampled), text (EOS excluded), logprobs (of
-    each sampled token, from the raw logits), insertions (completion indices where latents went in, 0 = end of
-    prompt), decisions (completion index, p(insert), 0/1) at every point the trigger was asked.
-    """
-    mode = mg.mode if mode is None else mode
-    if mode not in TRIGGER_MODES:
-        raise ModelError(f"unknown trigger mode {mode!r}: use one of {', '.join(TRIGGER_MODES)}")
-    model, k, dev = mg.model, mg.k, mg.model.device
-    prompts = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
-    max_new_tokens = check_prompts(model, prompts, max_new_tokens)
-    ids, pmask = left_pad(prompts, tokenizer.pad_id, dev)
-    B, P = ids.shape
-    cfg, dtype = model.cfg, model.dtype
-    gen = torch.Generator(device=dev).manual_seed(seed)
-    eos = torch.tensor(tokenizer.eos_ids, device=dev)
-    slots = P + max_new_tokens + k * (mg.n + 1)
-    R = KVCache(cfg, B, slots, dev, dtype)  # reasoner: tokens and latents
-    W = KVCache(cfg, B, slots + k, dev, dtype) if mode != "off" else None  # weaver: tokens, latents, K queries
-    G = KVCache(cfg, B, P + max_new_tokens, dev, dtype) if mode == "learned" else None  # trigger: tokens only
-    out = torch.full((B, max_new_tokens), tokenizer.pad_id, dtype=torch.long, device=dev)
-    logps = torch.zeros(B, max_new_tokens, device=dev)
-    done = torch.zeros(B, dtype=torch.bool, device=dev)
-    n_ins = torch.zeros(B, dtype=torch.long, device=dev)
-    w_seen = torch.zeros(B, dtype=torch.long, device=dev)  # completion tokens the weaver has read, per row
-    g_seen = torch.zeros(B, dtype=torch.long, device=dev)  # ... and the trigger
-    pending = torch.zeros(B, k, cfg.hidden_size, dtype=dtype, device=dev)  # latents the weaver has not read yet
-    has_pending = torch.zeros(B, dtype=torch.bool, device=dev)
-    insertions = [[] for _ in range(B)]
-    decisions = [[] for _ in range(B)]
-
-    logits, _ = model(ids, mask=pmask, cache=R, logits="last")  # 1. reasoner prefill
-    next_logits = logits[:, -1, :mg.vocab].float()
-    g_hidden = None
-    if W is not None:  # the weaver reads the prompt once; every later call only feeds what is new
-        with lora.use(model, "weaver"):
-            x = mg.weaver.reasoner_to_weaver(model.embed(ids).float()).to(dtype)
-            model(inputs_embeds=x, mask=pmask, cache=W, logits="none")
-    if G is not None:
-        with lora.use(model, "trigger"):
-            _, g_hidden = model(ids, mask=pmask, cache=G, logits="none")
-        g_hidden = g_hidden[:, -1]
-
-    def insert(cand, t):
-        """2-4 for the rows in `cand` at completion index t: ask the trigger, run the weaver, feed the latents."""
-        rows = cand.nonzero().squeeze(1)
-        if mode == "always":
-            fire = torch.ones(len(rows), dtype=torch.bool, device=dev)
-        elif mode == "random":  # the paper's ablation: insert with p = 0.5
-            fire = torch.rand(len(rows), generator=gen, device=dev) < 0.5
-        else:
-            if t > 0:  # catch the trigger's cache up over the tokens since its last call
-                seg, seg_mask = new_tokens(rows, g_seen, t)
-                with lora.use(model, "trigger"):
-                    _, h = model(seg, mask=seg_mask, cache=G, rows=rows, logits="none")
-                last = seg_mask.long().cumsum(1).argmax(1)  # the last real slot of each row
-                hid = h[torch.arange(len(rows), device=dev), last]
-                g_seen[rows] = t
-            else:
-                hid = g_hidden[rows]
-            p = trigger_probs(mg, hid)
-            fire = (torch.rand(len(rows), generator=gen, device=dev) < p) if trigger_sample else p >= TRIGGER_THRESHOLD
-            for r, pr, f in zip(rows.tolist(), p.tolist(), fire.tolist()):
-                decisions[r].append((t, pr, int(f)))
-        rows = rows[fire]
-        if len(rows) == 0:
-            return
-        for r in rows.tolist():
-            insertions[r].append(t)
-        # the weaver's new input: latents of the row's previous insertion, then its tokens since then
-        seg, seg_mask = new_tokens(rows, w_seen, t)
-        new = torch.cat([pending[rows], model.embed(seg)], 1)
-        new_mask = torch.cat([has_pending[rows, None].expand(-1, k), seg_mask], 1)
-        lat = weave(mg, W, new, new_mask, torch.full((len(rows),), t == 0, device=dev), rows)
-        w_seen[rows] = t
-        pending[rows], has_pending[rows] = lat, True
-        logits, _ = model(inputs_embeds=lat, cache=R, rows=rows, logits="last")  # the reasoner reads the latents
-        next_logits[rows] = logits[:, -1, :mg.vocab].float()
-        if t > 0:
-            n_ins[rows] += 1
-
-    def new_tokens(rows, seen, t):
-        """Completion tokens [seen[r], t) of each row, right-padded, and their mask."""
-        start = seen[rows]
-        S = max(int((t - start).max()), 0)
-        idx = start[:, None] + torch.arange(S, device=dev)
-        return out[rows[:, None], idx.clamp(max=max(t - 1, 0))], idx < t
-
-    if mode != "off":
-        insert(torch.ones(B, dtype=torch.bool, device=dev), 0)  # 2. the end of the prompt
-    for t in range(max_new_tokens):
-        tok = sample(next_logits, temperature, top_p, gen)  # 4. never from a latent: logits follow the last slot
-        tok = torch.where(done, tokenizer.pad_id, tok)
-        logps[:, t] = torch.log_softmax(next_logits, -1).gather(1, tok[:, None]).squeeze(1)
-        out[:, t] = tok
-        done = done | torch.isin(tok, eos)
-        if t == max_new_tokens - 1 or bool(done.all()):
-            break
-        logits, _ = model(tok[:, None], cache=R, mask=~done[:, None], logits="last")
-        next_logits = logits[:, -1, :mg.vocab].float()
-        if mode != "off":
-            cand = mg.is_delim[tok] & ~done & (n_ins < mg.n)  # 2. a sentence boundary, and insertions left
-            if bool(cand.any()):
-                insert(cand, t + 1)
-
-    results = []
-    eos_set = set(tokenizer.eos_ids)
-    for b, row in enumerate(out.tolist()):
-        cut = next((i + 1 for i, x in enumerate(row) if x in eos_set), len(row))
-        ids_b = row[:cut]
-        text_ids = ids_b[:-1] if ids_b and ids_b[-1] in eos_set else ids_b
-        results.append(dict(ids=ids_b, text=tokenizer.decode(text_ids), logprobs=logps[b, :cut].tolist(),
-                            insertions=insertions[b], decisions=decisions[b]))
-    return results
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Saving and loading the trained parts
+# 7. Saving and loading the trained parts
 
 
 def extra_tensors(mg, part):
@@ -447,10 +538,9 @@ def extra_tensors(mg, part):
 
 
 def save(mg, path, parts=("weaver", "trigger")):
-    """{path}/weaver.safetensors (+json), {path}/trigger.safetensors (+json): each adapter with its modules."""
+    """{path}/weaver.safetensors (+json), {path}/trigger.safetensors (+json): each adapter with its tensors."""
     for part in parts:
-        extra = extra_tensors(mg, part)
-        lora.save_adapter(mg.model, part, path, extra=extra, meta={"k": mg.k, "n": mg.n})
+        lora.save_adapter(mg.model, part, path, extra=extra_tensors(mg, part), meta={"k": mg.k, "n": mg.n})
 
 
 def load(mg, path, parts=("weaver", "trigger")):

@@ -7,6 +7,7 @@ import torch
 
 import lora
 import memgen
+from reference import naive_forward, naive_generate
 from model import generate, load_model
 from tokenizer import load_tokenizer
 
@@ -26,64 +27,6 @@ def make(tiny, family="qwen2", tied=False, n=3, k=K, mode="always", seed=0):
         for p in list(mg.weaver.parameters()) + list(mg.trigger.parameters()):
             p.add_(0.1 * torch.randn(p.shape, generator=g))
     return mg, tok
-
-
-# ---- naive references (the official code's shape: one example at a time, no caches)
-
-
-def naive_weave(mg, seq, is_prompt):
-    """Weaver over the whole prefix `seq` (S, D, reasoner space) plus queries, from scratch."""
-    model, w = mg.model, mg.weaver
-    q = (w.prompt_ln(w.prompt_queries) * w.prompt_scale) if is_prompt else \
-        (w.inference_ln(w.inference_queries) * w.inference_scale)
-    # the weaver's modules are float32; the model may run in bf16 (bench.py uses this reference too)
-    x = torch.cat([w.reasoner_to_weaver(seq.float()), q], 0)[None].to(model.dtype)
-    with lora.use(model, "weaver"):
-        _, h = model(inputs_embeds=x)
-    return w.weaver_to_reasoner(h[0, -mg.k:].float()).to(model.dtype)
-
-
-def naive_forward(mg, ids, prompt_len, points):
-    """Official _forward for one example: returns the hidden states predicting each next token, (T, D)."""
-    model = mg.model
-    emb = model.embed(ids)
-    cur, is_lat, start = emb[:0], [], 0
-    for p in points:
-        cur = torch.cat([cur, emb[start:p]])
-        is_lat += [False] * (p - start)
-        lat = naive_weave(mg, cur, p == prompt_len)
-        cur = torch.cat([cur, lat])
-        is_lat += [True] * mg.k
-        start = p
-    cur = torch.cat([cur, emb[start:]])
-    is_lat += [False] * (len(ids) - start)
-    with lora.use(model, None):
-        _, h = model(inputs_embeds=cur[None])
-    followed_by_latent = torch.tensor(is_lat[1:] + [False])
-    return h[0][~followed_by_latent]
-
-
-def naive_generate(mg, tok, prompt, max_new_tokens):
-    """Greedy MemGen decoding that recomputes everything from scratch at every step (mode always)."""
-    model = mg.model
-    seq = model.embed(torch.tensor(prompt))
-    toks, insertions, n_ins = [], [], 0
-    lat = naive_weave(mg, seq, True)
-    seq = torch.cat([seq, lat])
-    insertions.append(0)
-    for t in range(max_new_tokens):
-        with lora.use(model, None):
-            logits, _ = model(inputs_embeds=seq[None])
-        nxt = int(logits[0, -1].argmax())
-        toks.append(nxt)
-        if nxt in tok.eos_ids:
-            break
-        seq = torch.cat([seq, model.embed(torch.tensor([nxt]))])
-        if bool(mg.is_delim[nxt]) and n_ins < mg.n and t < max_new_tokens - 1:
-            seq = torch.cat([seq, naive_weave(mg, seq, False)])
-            insertions.append(t + 1)
-            n_ins += 1
-    return toks, insertions
 
 
 def sft_batch(tok):
