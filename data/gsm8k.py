@@ -61,7 +61,13 @@ class DataError(ValueError):
 # prompts and targets
 
 def messages(question):
-    """The chat for one question: a single user turn (ChatML, no system message)."""
+    """The chat for one question (a string, or a row dict holding it): a single user turn (ChatML, no system
+    message). Taking a row too makes this module's messages() the task interface's (see data/__init__.py)."""
+    if isinstance(question, dict):
+        question = question.get("question")
+    if not isinstance(question, str):
+        raise DataError(f"messages() needs a question string or a row with a 'question' string, "
+                        f"got {type(question).__name__}")
     return [{"role": "user", "content": PROMPT.format(question=question.strip())}]
 
 
@@ -351,3 +357,43 @@ def is_correct(completion, gold):
         return a == b
     except Exception:  # a grader must never crash an eval run; unparsable means wrong
         return False
+
+
+# -----------------------------------------------------------------------------
+# the task interface (data/__init__.py): NAME, load, messages (above), grade; plus what the other
+# local-jsonl formats (data/qa.py, data/choice.py, data/fever.py) share
+
+NAME = "gsm8k"
+
+
+def load(split, path=None):
+    """Rows of `split`: GSM8K itself, or with `path` a local jsonl in the question/answer format."""
+    if path is None:
+        return load_task("gsm8k", split)
+    return split_rows(load_jsonl_task(path), split)
+
+
+def grade(row, completion):
+    """True when the completion's first \\boxed{} answer matches row["answer"]; never raises (see is_correct)."""
+    return is_correct(completion, row["answer"])
+
+
+def split_rows(rows, split):
+    """A local file's split: "test" is the whole file, "train"/"val" the fixed-seed split of train_val_split."""
+    if split not in TASK_SPLITS:
+        raise DataError(f"unknown split {split!r}; use one of {list(TASK_SPLITS)}")
+    if split == "test":
+        return rows
+    train, val = train_val_split(rows)
+    return train if split == "train" else val
+
+
+def read_jsonl(path):
+    """[(line number, dict)] of a local jsonl task file; a missing, unreadable or empty file -> DataError."""
+    path = str(path)
+    if not os.path.isfile(path):
+        raise DataError(f"task file {path} does not exist")
+    lines = list(_read_jsonl(path))
+    if not lines:
+        raise DataError(f"task file {path} has no rows")
+    return lines
