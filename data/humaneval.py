@@ -12,8 +12,8 @@ Grading (grade / grade_many): take the first ```python block that defines the en
 python block, else the raw completion), put the problem's prompt in front of it (the prompt holds imports and
 helper functions that solutions and tests use; a completion that defines the function itself replaces the
 prompt's docstring-only stub, one that does not continues its body), then the tests, `check(entry_point)`,
-and a print of a random marker. Right means: exit code 0, no timeout, and the marker in stdout, so a program
-that exits early with status 0 (sys.exit(0) before the tests) is wrong.
+and a print of a random marker. Right means: exit code 0, no timeout, and the marker as the last line of stdout,
+so a program that exits early with status 0 (sys.exit(0) before the tests) is wrong.
 """
 
 import gzip
@@ -142,7 +142,9 @@ def extract_code(completion, entry_point):
 def program(row, completion, marker):
     """The whole test program for one completion (see the top of this file)."""
     code = extract_code(completion if isinstance(completion, str) else "", row["entry_point"])
-    return f"{row['prompt']}\n{code}\n\n{row['answer']}\n\ncheck({row['entry_point']})\nprint({marker!r})\n"
+    # '\n' first: the marker is a line of its own even after the program's own print(..., end="")
+    return (f"{row['prompt']}\n{code}\n\n{row['answer']}\n\ncheck({row['entry_point']})\n"
+            f"print('\\n' + {marker!r})\n")
 
 
 def grade_many(rows, completions, workers=2, timeout=sandbox.TIMEOUT_S):
@@ -153,7 +155,8 @@ def grade_many(rows, completions, workers=2, timeout=sandbox.TIMEOUT_S):
     markers = [f"memgen-humaneval-passed-{secrets.token_hex(8)}" for _ in rows]
     results = sandbox.run_many([program(r, c, m) for r, c, m in zip(rows, completions, markers)],
                                workers=workers, timeout=timeout)
-    return [res["ok"] and m in res["stdout"] for res, m in zip(results, markers)]
+    # the last line must be the marker: echoing the program's own source (which holds it) does not pass
+    return [res["ok"] and res["stdout"].rstrip("\n").rsplit("\n", 1)[-1] == m for res, m in zip(results, markers)]
 
 
 def grade(row, completion):

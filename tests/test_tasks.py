@@ -299,6 +299,7 @@ def test_completion_styles(he5):
         "prose around the block": f"Here it is:\n```python\n{full}```\nThat is all.",
         "example block after the solution": f"```python\n{full}```\nUsage:\n```python\nprint(1)\n```",
         "usage block first": f"```python\nprint(1)\n```\n```python\n{full}```",
+        "prints without a newline": f"```python\n{full}\nprint('no newline', end='')\n```",
         "bare body continuation": body,
         "unclosed fence": f"```python\n{full}",
         "py fence without the docstring": "```py\ndef has_close_elements(numbers, threshold):\n"
@@ -314,6 +315,7 @@ def test_completion_styles(he5):
         "exit(0) inside the function": "```python\ndef has_close_elements(numbers, threshold):\n"
                                        "    raise SystemExit(0)\n```",
         "fake marker": "```python\nprint('memgen-humaneval-passed-0123456789abcdef')\nimport sys\nsys.exit(0)\n```",
+        "echoes its own source, then exits": "```python\nimport sys\nprint(open(__file__).read())\nsys.exit(0)\n```",
         "bash block only": f"```bash\n{full}```",
         "empty": "",
         "not a string": None,
