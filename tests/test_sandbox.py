@@ -15,17 +15,28 @@ from sandbox import SandboxError, run, run_many
 GUARD_MESSAGE = "memgen sandbox:"
 
 
-def group_gone(pgid, wait_s=3.0):
-    """True once no process is left in process group `pgid` (killed processes take a moment to be reaped)."""
-    deadline = time.monotonic() + wait_s
-    while True:
+def live_members(pgid):
+    """Pids of the processes in process group `pgid` that are still alive (zombies wait for init, not us)."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return True
+            stat = open(f"/proc/{pid}/stat").read()
+        except OSError:
+            continue  # exited while we looked
+        state, _, pgrp = stat.rsplit(")", 1)[1].split()[:3]  # after "pid (comm)": state ppid pgrp ...
+        if int(pgrp) == pgid and state != "Z":
+            pids.append(int(pid))
+    return pids
+
+
+def group_gone(pgid, wait_s=3.0):
+    """True once no live process is left in process group `pgid` (SIGKILL takes a moment to land)."""
+    deadline = time.monotonic() + wait_s
+    while live_members(pgid):
         if time.monotonic() > deadline:
             return False
         time.sleep(0.05)
+    return True
 
 
 def snapshot(folder):
