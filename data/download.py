@@ -217,11 +217,12 @@ def resolve_model(name_or_path, cache=None):
     `name_or_path` is either an existing folder, or a hub id "org/name" which is
     downloaded once into <cache>/models/org--name/ (cache defaults to cache_dir()).
     """
-    name = str(name_or_path)
+    name = os.path.expanduser(str(name_or_path))
     if os.path.isdir(name):
         return name
-    # "org/name" is a hub id only if `org` is not a local folder (then it was meant as a path)
-    if not REPO_RE.fullmatch(name) or os.path.isdir(name.split("/")[0]):
+    # a name that looks like a local path is a missing folder, never a hub id (no network call): one that starts
+    # with ".", "/" or "~", has more than one "/" (REPO_RE refuses those), or whose first part exists here
+    if not REPO_RE.fullmatch(name) or os.path.exists(name.split("/")[0]):
         raise DownloadError(f"model folder {name!r} does not exist; pass --model PATH to a local "
                             "Hugging Face model folder or a hub id like org/name")
     root = Path(cache) if cache is not None else cache_dir()

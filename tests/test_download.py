@@ -303,11 +303,23 @@ def test_resolve_existing_folder(tmp_path):
     assert resolve_model(str(tmp_path)) == str(tmp_path)
 
 
-def test_resolve_missing_folder(tmp_path):
-    with pytest.raises(DownloadError, match="does not exist"):
-        resolve_model(str(tmp_path / "no" / "such" / "model"))
-    with pytest.raises(DownloadError, match="does not exist"):
-        resolve_model("./not-a-model")
+def test_local_looking_missing_paths_fail_as_missing_folders_without_network(tmp_path, monkeypatch):
+    """A path that looks local (starts with . / ~, has more than one /, or exists in part) is never a hub id."""
+    import data.download
+
+    def no_network(url, offset):
+        raise AssertionError(f"network call for {url}")
+
+    monkeypatch.setattr(data.download, "_open", no_network)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    (tmp_path / "notes").write_text("a file")
+    for name in (str(tmp_path / "no" / "such" / "model"), "./not-a-model", "~/no-such-model-here", "a/b/c",
+                 "models/mistyped", "notes/x", "plainname"):
+        with pytest.raises(DownloadError, match=r"model folder .* does not exist"):
+            resolve_model(name)
+    with pytest.raises(AssertionError, match="network call"):  # the same shape with no local part is a hub id
+        resolve_model("org/name", cache=tmp_path / "cache")
 
 
 def test_resolve_from_hub(hub, tmp_path):
