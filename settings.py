@@ -188,3 +188,10 @@ def in_range(cfg, key, low, high, what=""):
     """low <= value < high."""
     if not low <= cfg[key] < high:
         raise SettingsError(f"--{key} must be in [{low}, {high}){what}, got {cfg[key]}")
+
+
+def above(cfg, low, *keys):
+    """value > low, for each key present."""
+    for key in keys:
+        if key in cfg and not cfg[key] > low:
+            raise SettingsError(f"--{key} must be > {low}, got {cfg[key]}")

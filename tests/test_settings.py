@@ -90,3 +90,6 @@ def test_checks_name_the_setting():
         settings.at_least(cfg, 1, "batch_size")
     with pytest.raises(SettingsError, match=r"--warmup must be in \[0, 1\), got 1.0"):
         settings.in_range(cfg, "warmup", 0, 1)
+    with pytest.raises(SettingsError, match=r"--batch_size must be > 0, got 0"):
+        settings.above(cfg, 0, "batch_size", "not_a_setting_here")
+    settings.above(cfg, 0.5, "warmup")
