@@ -1,6 +1,9 @@
-"""Shared fixtures: tiny random Qwen2 / Llama folders written by transformers (the parity oracle)."""
+"""Shared fixtures: tiny random Qwen2 / Llama folders written by transformers (the parity oracle), and GSM8K served
+from the 20 + 20 rows shipped in tests/fixtures/gsm8k (tests never need files outside the repository)."""
+import hashlib
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,6 +11,35 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 SMALL_MODEL = os.environ.get("MEMGEN_SMALL_MODEL")  # a real folder from ../shared/tools/get_small_model.py
+GSM8K_FIXTURE = Path(__file__).resolve().parent / "fixtures" / "gsm8k"  # first 20 rows of each file (LICENSE-gsm8k)
+SHARED_GSM8K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gsm8k"  # the full files, if present
+
+
+@pytest.fixture
+def gsm8k_fixture(monkeypatch, tmp_path):
+    """data.gsm8k downloads "GSM8K" from the fixture folder (a file:// URL), its sha256 pins swapped for the
+    fixture files' own, into a private cache: the whole download path runs, on 20 train and 20 test rows."""
+    import data.gsm8k
+
+    files = {}
+    for split, (name, _, _) in data.gsm8k.GSM8K_FILES.items():
+        raw = (GSM8K_FIXTURE / name).read_bytes()
+        files[split] = (name, hashlib.sha256(raw).hexdigest(), raw.count(b"\n"))
+    monkeypatch.setattr(data.gsm8k, "GSM8K_FILES", files)
+    monkeypatch.setenv("MEMGEN_GSM8K_URL", str(GSM8K_FIXTURE))
+    monkeypatch.setenv("MEMGEN_CACHE", str(tmp_path / "gsm8k-fixture-cache"))
+    return GSM8K_FIXTURE
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `shared` read the full GSM8K files from ../shared: opt-in (python -m pytest -m shared), and
+    skipped with the reason when those files are absent."""
+    if SHARED_GSM8K.joinpath("train.jsonl").is_file():
+        return
+    skip = pytest.mark.skip(reason=f"the full GSM8K files are not at {SHARED_GSM8K}")
+    for item in items:
+        if "shared" in item.keywords:
+            item.add_marker(skip)
 
 
 def hf_config(family, vocab_size, tied=False, **over):

@@ -15,9 +15,7 @@ import pytest
 from data import gsm8k
 from data.download import DownloadError, cache_dir, download, resolve_model
 
-SHARED_GSM8K = Path(__file__).resolve().parents[1].parent / "shared/data/gsm8k"
-needs_gsm8k = pytest.mark.skipif(not (SHARED_GSM8K / "train.jsonl").is_file(),
-                                 reason=f"{SHARED_GSM8K} is absent")
+from conftest import GSM8K_FIXTURE, SHARED_GSM8K
 HINT = "; pass --model PATH to a local Hugging Face model folder"
 
 
@@ -73,6 +71,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("www")
+    (root / "gsm8k-fixture").symlink_to(GSM8K_FIXTURE)
     if SHARED_GSM8K.is_dir():
         (root / "gsm8k").symlink_to(SHARED_GSM8K)
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -122,22 +121,29 @@ def test_cache_dir_env(monkeypatch, tmp_path):
     assert cache_dir() == Path.home() / ".cache" / "memgen"
 
 
-@needs_gsm8k
-def test_gsm8k_over_http_with_pinned_sha(srv):
-    train = gsm8k.load_split("train", base_url=f"{srv.url}/gsm8k/")
-    test = gsm8k.load_split("test", base_url=f"{srv.url}/gsm8k")
-    assert (len(train), len(test)) == (7473, 1319)
+def test_gsm8k_over_http_checks_the_pinned_sha_and_caches(srv, gsm8k_fixture):
+    """The fixture rows with their own pins (conftest.gsm8k_fixture), served over HTTP: downloaded once, cached."""
+    train = gsm8k.load_split("train", base_url=f"{srv.url}/gsm8k-fixture/")
+    test = gsm8k.load_split("test", base_url=f"{srv.url}/gsm8k-fixture")
+    assert (len(train), len(test)) == (20, 20)
+    assert train[0]["answer"] == "72" and test[0]["answer"] == "18"
     assert (cache_dir() / "gsm8k" / "train.jsonl").is_file()
     assert not (cache_dir() / "gsm8k" / "train.jsonl.part").exists()
     n = len(srv.requests)
-    gsm8k.load_split("test", base_url=f"{srv.url}/gsm8k")  # cached: no new request
+    gsm8k.load_split("test", base_url=f"{srv.url}/gsm8k-fixture")  # cached: no new request
     assert len(srv.requests) == n
 
 
-@needs_gsm8k
-def test_gsm8k_env_base_url(srv, monkeypatch):
-    monkeypatch.setenv("MEMGEN_GSM8K_URL", f"{srv.url}/gsm8k/")
-    assert len(gsm8k.load_split("test")) == 1319
+def test_gsm8k_env_base_url(srv, gsm8k_fixture, monkeypatch):
+    monkeypatch.setenv("MEMGEN_GSM8K_URL", f"{srv.url}/gsm8k-fixture/")
+    assert len(gsm8k.load_split("test")) == 20 and any("gsm8k-fixture/test.jsonl" in p for p, _ in srv.requests)
+
+
+@pytest.mark.shared
+def test_full_gsm8k_over_http_with_the_real_pinned_sha(srv):
+    train = gsm8k.load_split("train", base_url=f"{srv.url}/gsm8k/")
+    test = gsm8k.load_split("test", base_url=f"{srv.url}/gsm8k")
+    assert (len(train), len(test)) == (7473, 1319)
 
 
 def test_gsm8k_offline_hint(srv, monkeypatch):
