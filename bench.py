@@ -1,20 +1,20 @@
 """
 bench.py: is this code fast? Side-by-side timings in one process, reported as ratios.
 
-    python bench.py --model PATH [--dtype auto] [--batch 8] [--new-tokens 256]
-    python bench.py --quick          # a small random model built in memory, < 60 s on 2 CPU cores
+    python bench.py --model=PATH [--dtype=auto] [--batch_size=8] [--max_new_tokens=256]
+    python bench.py --quick=true         # a small random model built in memory, < 60 s on 2 CPU cores
 
 Figures (each printed as a table row and as one JSON line; the last line holds the headline ratios):
-  1. vanilla decode tok/s: ours vs transformers generate, greedy, batch 1 and --batch       -> ours_vs_transformers
+  1. vanilla decode tok/s: ours vs transformers generate, greedy, batch 1 and BATCH_SIZE    -> ours_vs_transformers
   2. MemGen decode (K=8, N=3, mode always): ours cached vs an official-style decode that drops the reasoner's
      cache and re-runs the weaver over the whole prefix at every insertion; and ours vs our vanilla decode
                                                                                -> memgen_vs_naive, memgen_vs_vanilla
   3. weaver SFT step (batch 8, max length 512): our batched cached forward+backward vs the per-example recompute
-     reference (the one tests/test_memgen.py proves our forward equal to)                          -> train_vs_naive
+     reference (reference.naive_forward, which the tests prove our forward equal to)              -> train_vs_naive
   4. peak resident memory of reasoner + weaver + trigger relative to the base model alone           -> memory_ratio
-Decoding ignores EOS here so every run produces exactly --new-tokens tokens per row.
+Decoding ignores EOS here so every run produces exactly MAX_NEW_TOKENS tokens per row. Needs requirements-dev.txt
+(transformers, for figure 1).
 """
-import argparse
 import json
 import os
 import platform
@@ -25,11 +25,25 @@ import time
 import torch
 import torch.nn.functional as F
 
+import data
+import loading
 import memgen
-from model import Config, KVCache, Transformer, generate, load_model, pick_dtype
-from tokenizer import load_tokenizer
-
+import settings
+from model import Config, Transformer, generate
 from reference import naive_forward, official_style_decode
+
+MODEL = ""  # the model to time: a local Hugging Face folder (Qwen2 or Llama) or a hub id; required unless QUICK
+DATA = "gsm8k"  # the task whose first problems are the prompts (and, for the SFT step, the targets)
+DTYPE = "auto"  # auto (bfloat16 on GPUs and on CPUs with native bf16, else float32) | float32 | bfloat16 | float16
+DEVICE = "auto"  # auto (cuda when a GPU is visible) | cpu | cuda | cuda:N
+BATCH_SIZE = 8  # rows of the batched decode figures
+MAX_NEW_TOKENS = 256  # tokens decoded per row (EOS ignored)
+SEED = 0  # seeds MemGen's random initialisation (and QUICK's random model and prompts)
+QUICK = False  # true: a random 4-layer model built in memory instead of MODEL, under a minute on 2 CPU cores
+# -----------------------------------------------------------------------------
+_PROG = "bench.py"
+_SFT_LEN = 512  # longest SFT example of figure 3, in tokens
+_QUICK = dict(new_tokens=128, sft_len=256)  # QUICK's lengths
 
 
 class NoEos:
@@ -83,22 +97,22 @@ def sft_step(mg, ids, mask, prompt_len, naive):
         p.grad = None
     comp = mask.clone()
     comp[torch.arange(ids.shape[1])[None] < prompt_len[:, None]] = False
-    target = torch.zeros_like(comp)
-    target[:, :-1] = comp[:, 1:]  # hidden[t] predicts token t+1
+    predicts = torch.zeros_like(comp)
+    predicts[:, :-1] = comp[:, 1:]  # hidden[t] predicts token t+1, a completion token
     points = memgen.insertion_points(mg, ids, mask, prompt_len)
     if naive:
         total = 0
         for b in range(len(ids)):
             L = int(mask[b].sum())
             h = naive_forward(mg, ids[b, :L], int(prompt_len[b]), [int(p) for p in points[b] if p >= 0])
-            sel = target[b, :L]
+            sel = predicts[b, :L]
             loss = F.cross_entropy(model.head(h[sel]).float(), ids[b, :L].roll(-1)[sel], reduction="sum")
-            (loss / target.sum()).backward()
+            (loss / predicts.sum()).backward()
             total += loss.item()
-        return total / target.sum().item()
+        return total / predicts.sum().item()
     h = memgen.teacher_forced(mg, ids, mask, prompt_len, points)
-    logits = model.head(h[target]).float()
-    loss = F.cross_entropy(logits, ids.roll(-1, 1)[target])
+    logits = model.head(h[predicts]).float()
+    loss = F.cross_entropy(logits, ids.roll(-1, 1)[predicts])
     loss.backward()
     return loss.item()
 
@@ -137,38 +151,18 @@ def report(rows, name, value, unit, **extra):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[1])
-    ap.add_argument("--model", help="a Hugging Face model folder (Qwen2 or Llama)")
-    ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--new-tokens", type=int, default=256)
-    ap.add_argument("--quick", action="store_true", help="small random model in memory, under a minute")
-    args = ap.parse_args(argv)
-    if not args.quick and not args.model:
-        ap.error("pass --model PATH (a Hugging Face model folder) or --quick")
-    torch.manual_seed(0)
-    if args.quick:
-        dtype = torch.float32
-        cfg = Config(arch="llama", vocab_size=512, hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2,
-                     head_dim=64, intermediate_size=512, rope_theta=10000.0, rms_eps=1e-5, tie_word_embeddings=False,
-                     qkv_bias=False, max_positions=2048, name="random")
-        model = Transformer(cfg).requires_grad_(False).eval()
-        tok = RandomTokenizer(cfg.vocab_size)
-        new_tokens, B, seq_len = 128, args.batch, 256
-        g = torch.Generator().manual_seed(0)
-        prompts = [torch.randint(1, cfg.vocab_size, (40 + 7 * b,), generator=g).tolist() for b in range(B)]
-    else:
-        dtype = pick_dtype(args.dtype)
-        from data.download import resolve_model
-
-        args.model = resolve_model(args.model)  # a hub id is downloaded once; load_model takes folders only
-        model, tok = load_model(args.model, dtype=dtype), NoEos(load_tokenizer(args.model))
-        cfg, new_tokens, B, seq_len = model.cfg, args.new_tokens, args.batch, 512
-        from data.gsm8k import load_task, messages
-
-        rows = load_task("gsm8k", "test")[:B]
-        prompts = [tok.chat(messages(r["question"])) for r in rows]
-    print(f"# bench on {machine()}, dtype {str(dtype).replace('torch.', '')}, model {cfg.name} "
+    """Run every figure; returns the headline ratios."""
+    with loading.one_line_errors(_PROG):
+        cfg, _ = settings.parse(sys.argv[1:] if argv is None else list(argv), globals(), _PROG)
+        settings.at_least(cfg, 1, "batch_size", "max_new_tokens")
+        if not cfg["quick"] and not cfg["model"]:
+            raise settings.SettingsError("pass --model=PATH (a Hugging Face model folder or a hub id), or "
+                                         "--quick=true for a random model built in memory")
+        torch.manual_seed(cfg["seed"])
+        setup = quick_setup(cfg) if cfg["quick"] else model_setup(cfg)
+    model, tok, prompts, sft_examples = setup["model"], setup["tok"], setup["prompts"], setup["sft_examples"]
+    B, new_tokens = len(prompts), setup["new_tokens"]
+    print(f"# bench on {machine()}, dtype {str(model.dtype).replace('torch.', '')}, model {model.cfg.name} "
           f"({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params), batch {B}, {new_tokens} new tokens")
     rows_out, ratios = [], {}
 
@@ -178,22 +172,11 @@ def main(argv=None):
         dt, _ = timed(lambda: generate(model, tok, prompts[:bs], max_new_tokens=new_tokens))
         ours = bs * new_tokens / dt
         report(rows_out, f"vanilla_tok_s_b{bs}", ours, "tok/s")
-        if args.quick:
-            continue
-        try:
-            from transformers import AutoModelForCausalLM
-        except ImportError:
-            print("# transformers not installed: skipping the transformers comparison")
-            continue
-        hf = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).eval()
-        ids, mask = _hf_batch(prompts[:bs], tok.pad_id)
-        with torch.no_grad():
-            hf.generate(ids[:1, -8:], max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_id)
-            dt_hf, _ = timed(lambda: hf.generate(ids, attention_mask=mask, max_new_tokens=new_tokens,
-                                                 min_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.pad_id))
-        report(rows_out, f"transformers_tok_s_b{bs}", bs * new_tokens / dt_hf, "tok/s")
-        ratios[f"ours_vs_transformers_b{bs}"] = ours / (bs * new_tokens / dt_hf)
-        del hf
+        if not cfg["quick"]:
+            theirs = transformers_tok_s(setup["folder"], model, tok, prompts[:bs], new_tokens)
+            if theirs:
+                report(rows_out, f"transformers_tok_s_b{bs}", theirs, "tok/s")
+                ratios[f"ours_vs_transformers_b{bs}"] = ours / theirs
     vanilla = B * new_tokens / timed(lambda: generate(model, tok, prompts, max_new_tokens=new_tokens))[0]
 
     # 2. MemGen decode
@@ -209,22 +192,9 @@ def main(argv=None):
     ratios["memgen_vs_naive"] = dt_naive / dt
 
     # 3. weaver SFT step
-    mg.train()
-    if args.quick:
-        g = torch.Generator().manual_seed(1)
-        seqs = [torch.randint(1, cfg.vocab_size, (seq_len - 13 * b,), generator=g).tolist() for b in range(8)]
-        plen = [60 + 5 * b for b in range(8)]
-    else:
-        from data.gsm8k import load_task, messages
-
-        train = load_task("gsm8k", "train")[:8]
-        seqs, plen = [], []
-        for r in train:
-            p = tok.chat(messages(r["question"]))
-            seqs.append((p + tok.encode(r["target"]) + [tok.end_id])[:seq_len])
-            plen.append(len(p))
+    seqs, plen = sft_examples
     ids, mask, prompt_len = memgen.right_pad([s[:p] for s, p in zip(seqs, plen)], [s[p:] for s, p in zip(seqs, plen)],
-                                         tok.pad_id, model.device)
+                                             tok.pad_id, model.device)
     mg.eval()  # dropout off so both paths compute the same function
     sft_step(mg, ids[:2], mask[:2], prompt_len[:2], naive=False)  # warm-up
     dt_ours, loss_ours = timed(lambda: sft_step(mg, ids, mask, prompt_len, naive=False))
@@ -234,12 +204,12 @@ def main(argv=None):
     ratios["train_vs_naive"] = dt_ref / dt_ours
 
     # 4. memory
-    if args.quick:
+    if cfg["quick"]:
         base = sum(t.numel() * t.element_size() for t in model.parameters())
         extra = sum(t.numel() * t.element_size() for part in ("weaver", "trigger") for t in mg.trainable(part).values())
         ratios["memory_ratio"] = (base + extra) / base  # parameter bytes: an RSS probe needs a model folder
     else:
-        ratios["memory_ratio"], detail = memory_probe(args.model, str(dtype).replace("torch.", ""))
+        ratios["memory_ratio"], detail = memory_probe(setup["folder"], str(model.dtype).replace("torch.", ""))
         report(rows_out, "peak_rss_base_mb", detail["base"] / 2**20, "MiB")
         report(rows_out, "peak_rss_memgen_mb", detail["memgen"] / 2**20, "MiB")
         # the peak can be set by loading; the resident size after use shows what MemGen's parts add
@@ -254,6 +224,56 @@ def main(argv=None):
         print(f"| {name} | {value:.3g} | ratio |")
     print(json.dumps({k: round(v, 3) for k, v in ratios.items()}))
     return ratios
+
+
+def quick_setup(cfg):
+    """QUICK: a random 4-layer Llama built in memory (float32), random prompts and SFT sequences."""
+    mcfg = Config(arch="llama", vocab_size=512, hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2,
+                  head_dim=64, intermediate_size=512, rope_theta=10000.0, rms_eps=1e-5, tie_word_embeddings=False,
+                  qkv_bias=False, max_positions=2048, name="random")
+    model = Transformer(mcfg).requires_grad_(False).eval()
+    g = torch.Generator().manual_seed(cfg["seed"])
+    prompts = [torch.randint(1, mcfg.vocab_size, (40 + 7 * b,), generator=g).tolist() for b in range(cfg["batch_size"])]
+    n = _QUICK["sft_len"]
+    seqs = [torch.randint(1, mcfg.vocab_size, (n - 13 * b,), generator=g).tolist() for b in range(8)]
+    return dict(model=model, tok=RandomTokenizer(mcfg.vocab_size), prompts=prompts, new_tokens=_QUICK["new_tokens"],
+                sft_examples=(seqs, [60 + 5 * b for b in range(8)]))
+
+
+def model_setup(cfg):
+    """MODEL (a hub id is downloaded once), the first BATCH_SIZE test prompts of DATA, and its first 8 training
+    examples (prompt + target, cut at 512 tokens) for the SFT step."""
+    from data.download import resolve_model
+
+    folder = resolve_model(cfg["model"])
+    model, tok = loading.load_base(folder, cfg["dtype"], loading.resolve_device(cfg["device"]))
+    tok = NoEos(tok)
+    task = data.get_task(cfg["data"])
+    prompts = [tok.chat(task.messages(r)) for r in task.load("test")[:cfg["batch_size"]]]
+    seqs, plen = [], []
+    for r in task.load("train")[:8]:
+        p = tok.chat(task.messages(r))
+        seqs.append((p + tok.encode(r["target"]) + [tok.end_id])[:_SFT_LEN])
+        plen.append(len(p))
+    return dict(model=model, tok=tok, prompts=prompts, new_tokens=cfg["max_new_tokens"], sft_examples=(seqs, plen),
+                folder=folder)
+
+
+def transformers_tok_s(folder, model, tok, prompts, new_tokens):
+    """Greedy tok/s of transformers' generate on the same prompts (None when transformers is not installed)."""
+    try:
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        print("# transformers not installed: skipping the transformers comparison")
+        return None
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=model.dtype).to(model.device).eval()
+    ids, mask = _hf_batch(prompts, tok.pad_id)
+    ids, mask = ids.to(model.device), mask.to(model.device)
+    with torch.no_grad():
+        hf.generate(ids[:1, -8:], max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_id)
+        dt, _ = timed(lambda: hf.generate(ids, attention_mask=mask, max_new_tokens=new_tokens,
+                                          min_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.pad_id))
+    return len(prompts) * new_tokens / dt
 
 
 def _hf_batch(prompts, pad_id):

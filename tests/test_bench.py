@@ -1,18 +1,43 @@
-"""bench.py --quick runs end to end and prints the headline ratios; its official-style decode is a real reference
-(in float32 it produces exactly our tokens). Speed itself is never asserted here: bench.py reports it."""
+"""bench.py --quick=true runs end to end and prints the headline ratios; its official-style decode is a real
+reference (in float32 it produces exactly our tokens). Speed itself is never asserted here: bench.py reports it.
+Bad inputs end in one line, like every other entry point."""
 import json
+
+import pytest
 
 import bench
 
 
-def test_quick_bench_prints_the_ratios(capsys):
-    ratios = bench.main(["--quick"])
+def test_quick_bench_prints_the_ratios_and_its_reference_decodes_our_tokens(capsys):
+    ratios = bench.main(["--quick=true"])
     out = capsys.readouterr().out.strip().splitlines()
     last = json.loads(out[-1])
     assert set(last) == {"memgen_vs_vanilla", "memgen_vs_naive", "train_vs_naive", "memory_ratio"}
-    assert all(v > 0 for v in ratios.values())
+    assert ratios["memory_ratio"] > 1  # MemGen's parts add parameter bytes to the base model's
     figures = {r["figure"]: r for r in map(json.loads, (x for x in out if x.startswith('{"figure"')))}
     assert figures["official_style_memgen_tok_s"]["same_tokens"] is True
     assert figures["memgen_tok_s"]["insertions_per_row"] > 1  # inference insertions did happen
     # the two SFT steps compute the same loss (the reference the tests hold the forward to)
     assert abs(figures["sft_step_s"]["loss"] - figures["naive_sft_step_s"]["loss"]) < 1e-4
+
+
+def one_line_error(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    return err
+
+
+def test_bench_without_a_model_or_with_a_missing_one_is_one_line(capsys):
+    assert "pass --model=PATH" in one_line_error([], capsys)
+    assert "model folder '/no/such/model' does not exist" in one_line_error(["--model=/no/such/model"], capsys)
+
+
+def test_bench_on_a_model_folder_offline_is_one_line(long_folder, tmp_path, monkeypatch, capsys):
+    """Offline, the GSM8K prompts cannot be fetched: one line that says so, no DownloadError traceback."""
+    monkeypatch.setenv("MEMGEN_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("MEMGEN_GSM8K_URL", "http://127.0.0.1:9/no-network/")
+    err = one_line_error([f"--model={long_folder}", "--dtype=float32"], capsys)
+    assert err.startswith("bench.py: error: could not reach http://127.0.0.1:9/no-network/test.jsonl")

@@ -3,17 +3,14 @@
 import itertools
 import json
 import random
-from pathlib import Path
 
 import pytest
 
 from data import gsm8k
 from data.gsm8k import DataError, extract_boxed, is_correct, normalize
-from eval import pass_at_k
+from evaluation import pass_at_k
 
-SHARED_GSM8K = Path(__file__).resolve().parents[1].parent / "shared/data/gsm8k"
-needs_gsm8k = pytest.mark.skipif(not (SHARED_GSM8K / "train.jsonl").is_file(),
-                                 reason=f"{SHARED_GSM8K} is absent")
+from conftest import SHARED_GSM8K
 
 
 @pytest.fixture
@@ -23,8 +20,14 @@ def cache(tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def gsm(cache):
-    """Load a split from the shared copy (a local folder as base_url -> file:// download)."""
+def gsm(gsm8k_fixture):
+    """Load a split of the 20-row fixture copy (conftest.gsm8k_fixture: a file:// download with its own pins)."""
+    return gsm8k.load_split
+
+
+@pytest.fixture
+def full_gsm(cache):
+    """Load a split of the full files in ../shared (tests marked shared)."""
     return lambda split: gsm8k.load_split(split, base_url=str(SHARED_GSM8K))
 
 
@@ -205,7 +208,6 @@ def test_messages_format():
     }]
 
 
-@needs_gsm8k
 def test_golden_first_two_rows(gsm):
     rows = gsm("train")
     r0, r1 = rows[0], rows[1]
@@ -228,9 +230,26 @@ def test_golden_first_two_rows(gsm):
     assert r1["answer"] == "10"
 
 
-@needs_gsm8k
-def test_all_targets_grade_correct(gsm):
+def test_every_target_grades_correct_against_its_own_answer(gsm):
     rows = gsm("train") + gsm("test")
+    assert len(rows) == 20 + 20
+    assert all(is_correct(r["target"], r["answer"]) for r in rows)
+    assert all(r["target"].count("\\boxed{") == 1 and "####" not in r["target"] for r in rows)
+
+
+def test_train_val_split_is_a_fixed_seed_partition(gsm):
+    rows = gsm("train")
+    train, val = gsm8k.train_val_split(rows)
+    assert (len(train), len(val)) == (18, 2)  # int(20 * 0.1)
+    assert sorted(r["id"] for r in train + val) == sorted(r["id"] for r in rows)
+    assert gsm8k.train_val_split(rows) == (train, val)  # fixed seed
+    assert gsm8k.train_val_split(rows, seed=1)[1] != val
+    assert gsm8k.load_task("gsm8k", "val") == val and gsm8k.load_task("gsm8k", "train") == train
+
+
+@pytest.mark.shared
+def test_full_gsm8k_targets_grade_correct(full_gsm):
+    rows = full_gsm("train") + full_gsm("test")
     assert len(rows) == 7473 + 1319
     assert all(is_correct(r["target"], r["answer"]) for r in rows)
     commas = [r for r in rows if "," in extract_boxed(r["target"])]
@@ -238,15 +257,13 @@ def test_all_targets_grade_correct(gsm):
     assert all(r["target"].count("\\boxed{") == 1 and "####" not in r["target"] for r in rows)
 
 
-@needs_gsm8k
-def test_train_val_split(gsm):
-    rows = gsm("train")
-    train, val = gsm8k.train_val_split(rows)
+@pytest.mark.shared
+def test_full_gsm8k_train_val_split(full_gsm, monkeypatch):
+    monkeypatch.setenv("MEMGEN_GSM8K_URL", str(SHARED_GSM8K))
+    train, val = gsm8k.train_val_split(full_gsm("train"))
     assert (len(train), len(val)) == (6726, 747)
     assert {r["id"] for r in train}.isdisjoint(r["id"] for r in val)
-    assert gsm8k.train_val_split(rows) == (train, val)  # fixed seed
-    assert gsm8k.train_val_split(rows, seed=1)[1] != val
-    assert gsm8k.load_task("gsm8k", "val") == val and gsm8k.load_task("gsm8k", "train") == train
+    assert gsm8k.load_task("gsm8k", "val") == val
 
 
 def test_train_val_split_bad_frac():

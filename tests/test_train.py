@@ -1,7 +1,10 @@
 """train_weaver.py and train_trigger.py on a tiny random model and a toy task: what learns, what must not change,
-the invocation penalty, exact resume after SIGKILL, settings parsing, and torchrun == one process."""
+the invocation penalty, exact resume after SIGKILL, torchrun == one process, and every bad input of issue 11 as one
+clear line (run folders, numeric settings, non-finite losses, damaged checkpoints, mismatched adapters)."""
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,13 +14,17 @@ from pathlib import Path
 import pytest
 import torch
 
+import data
 import memgen
 import train_trigger as tt
 import train_weaver as tw
+import training
 from model import load_model
+from tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-QUIET = ["--progress=false", "--dtype=float32", "--final_eval_limit=-1", "--val_size=0", "--save_interval=0"]
+QUIET = ["--progress=false", "--dtype=float32", "--final_eval_limit=-1", "--val_size=0", "--save_interval=0",
+         "--max_len=512"]
 
 
 @pytest.fixture(scope="module")
@@ -73,10 +80,17 @@ def first_token_nll(mg, examples):
     """Mean NLL of the first completion token, which the last latent's own slot predicts: the weaver controls
     that slot's input completely, so it can fit it whatever the (random) reasoner does."""
     with torch.no_grad():
-        ids, mask, plen = memgen.right_pad([e["prompt"] for e in examples], [e["completion"] for e in examples], 0, "cpu")
+        ids, mask, plen = memgen.right_pad([e["prompt"] for e in examples], [e["completion"] for e in examples], 0,
+                                           "cpu")
         h = memgen.teacher_forced(mg, ids, mask, plen, plen[:, None])
         logits = mg.model.head(h[torch.arange(len(examples)), plen - 1])[:, :mg.vocab].float()
         return torch.nn.functional.cross_entropy(logits, ids[torch.arange(len(examples)), plen]).item()
+
+
+def examples(folder, task, n):
+    tok = load_tokenizer(folder)
+    t = data.get_task(task)
+    return tok, training.encode_examples(t.load("train")[:n], tok, t, 512)[0]
 
 
 def test_sft_lora_fits_and_leaves_the_reasoner_alone(folder, task, tmp_path):
@@ -87,7 +101,7 @@ def test_sft_lora_fits_and_leaves_the_reasoner_alone(folder, task, tmp_path):
     losses = step_losses(out)
     assert len(losses) == 40
     assert losses[40] < 0.5 * losses[1], (losses[1], losses[40])
-    assert_base_unchanged(res["target"], folder)
+    assert_base_unchanged(res["policy"], folder)
     assert os.path.isfile(os.path.join(out, "final", "sft.safetensors"))
 
 
@@ -95,42 +109,38 @@ def test_weaver_sft_fits_and_leaves_the_reasoner_alone(folder, task, tmp_path, m
     """A random 2-layer reasoner attends only weakly to 8 latents among ~60 slots, so the weaver cannot fit every
     token as a LoRA on the reasoner can (above); it must fit the tokens read off its own latent slots, and lower
     the whole loss clearly."""
-    from data.gsm8k import load_task
-    from tokenizer import load_tokenizer
-
-    tok = load_tokenizer(folder)
-    examples, _ = tw.encode_examples(load_task(task, "train")[:8], tok, 512)
+    _, exs = examples(folder, task, 8)
     before = {}
-    real = memgen.MemGen
+    real = tw.build_policy
 
-    def capture(*a, **kw):
-        mg = real(*a, **kw)
-        before["nll"] = first_token_nll(mg, examples)
-        return mg
+    def capture(run, is_mg):
+        real(run, is_mg)
+        before["nll"] = first_token_nll(run.policy, exs)
 
-    monkeypatch.setattr(memgen, "MemGen", capture)
+    monkeypatch.setattr(tw, "build_policy", capture)
     out = str(tmp_path / "sft")
     res = tw.main(["--model", folder, "--data", task, "--out_dir", out, "--max_steps=40", "--limit=8",
                    "--batch_size=8", "--micro_batch=4", "--lr=1e-2", "--warmup=0", "--lora_dropout=0", *QUIET])
     losses = step_losses(out)
     assert losses[40] < 0.7 * losses[1], (losses[1], losses[40])
-    after = first_token_nll(res["target"], examples)
+    after = first_token_nll(res["policy"], exs)
     assert after < 0.5 * before["nll"], (before["nll"], after)
-    assert_base_unchanged(res["target"].model, folder)
+    assert_base_unchanged(res["policy"].model, folder)
     assert os.path.isfile(os.path.join(out, "final", "weaver.safetensors"))
 
 
 def test_sft_forward_loss_matches_a_plain_cross_entropy(folder, task):
-    """sft_loss through MemGen == cross-entropy of head(memgen.teacher_forced) over completion tokens, computed densely."""
-    from tokenizer import load_tokenizer
-    from data.gsm8k import load_task
+    """sft_loss through MemGen == cross-entropy of head(memgen.teacher_forced) over completion tokens, computed
+    densely."""
+    import types
 
     torch.manual_seed(0)
-    model, tok = load_model(folder, dtype="float32"), load_tokenizer(folder)
+    tok, ex = examples(folder, task, 3)
+    model = load_model(folder, dtype="float32")
     mg = memgen.MemGen(model, tok)
     mg.eval()
-    ex, _ = tw.encode_examples(load_task(task, "train")[:3], tok, 512)
-    s, n = tw.sft_loss(mg, "sft", ex, tok.pad_id, tok.vocab_size)
+    run = types.SimpleNamespace(model=model, tok=tok, policy=mg, vocab=tok.vocab_size)
+    s, n = tw.sft_loss(run, ex)
     ids, mask, plen = memgen.right_pad([e["prompt"] for e in ex], [e["completion"] for e in ex], tok.pad_id, "cpu")
     h = memgen.teacher_forced(mg, ids, mask, plen, memgen.insertion_points(mg, ids, mask, plen))
     logits = model.head(h)[..., :tok.vocab_size]
@@ -146,9 +156,9 @@ def test_sft_forward_loss_matches_a_plain_cross_entropy(folder, task):
 # ---- GRPO and the trigger on rigged rewards
 
 
-def even_first_token(text, gold, rollout):
+def even_first_token(task, rows, rollouts):
     """Rigged: reward 1 when the first completion token has an even id."""
-    return float(rollout["ids"][0] % 2 == 0)
+    return [float(o["ids"][0] % 2 == 0) for o in rollouts]
 
 
 def p_even_first(mg, prompts):
@@ -161,26 +171,23 @@ def p_even_first(mg, prompts):
 
 
 def test_grpo_moves_a_rigged_reward_and_trains_only_the_weaver(folder, task, tmp_path, monkeypatch):
-    from tokenizer import load_tokenizer
-    from data.gsm8k import load_task, messages
-
-    monkeypatch.setattr(tw, "reward", even_first_token)
-    tok = load_tokenizer(folder)
-    prompts = [tok.chat(messages(r["question"])) for r in load_task(task, "train")[:4]]
+    monkeypatch.setattr(training, "task_rewards", even_first_token)
+    tok, exs = examples(folder, task, 4)
+    prompts = [e["prompt"] for e in exs]
     captured = {}
-    real = memgen.MemGen
+    real = tw.build_policy
 
-    def capture(*a, **kw):
-        mg = real(*a, **kw)
+    def capture(run, is_mg):
+        real(run, is_mg)
+        mg = run.policy
         captured["before_p"] = p_even_first(mg, prompts)
         captured["weaver"], captured["trigger"] = snapshot(mg.trainable("weaver")), snapshot(mg.trainable("trigger"))
-        return mg
 
-    monkeypatch.setattr(memgen, "MemGen", capture)
+    monkeypatch.setattr(tw, "build_policy", capture)
     res = tw.main(["--model", folder, "--data", task, "--method", "grpo", "--out_dir", str(tmp_path / "g"),
                    "--max_steps=25", "--limit=4", "--batch_size=4", "--group=8", "--micro_batch=16",
                    "--max_new_tokens=2", "--lr=3e-2", "--warmup=0", *QUIET])
-    mg = res["target"]
+    mg = res["policy"]
     after = p_even_first(mg, prompts)
     assert after > captured["before_p"] + 0.1, (captured["before_p"], after)
     assert changed(captured["trigger"], mg.trainable("trigger")) == set()
@@ -192,12 +199,10 @@ def test_grpo_moves_a_rigged_reward_and_trains_only_the_weaver(folder, task, tmp
 
 def test_grpo_lora_moves_a_rigged_reward(folder, task, tmp_path, monkeypatch):
     import lora
-    from data.gsm8k import load_task, messages
-    from tokenizer import load_tokenizer
 
-    monkeypatch.setattr(tw, "reward", even_first_token)
-    tok = load_tokenizer(folder)
-    prompts = [tok.chat(messages(r["question"])) for r in load_task(task, "train")[:4]]
+    monkeypatch.setattr(training, "task_rewards", even_first_token)
+    tok, exs = examples(folder, task, 4)
+    prompts = [e["prompt"] for e in exs]
 
     def p_even(model):
         with torch.no_grad(), lora.use(model, "sft"):
@@ -213,46 +218,43 @@ def test_grpo_lora_moves_a_rigged_reward(folder, task, tmp_path, monkeypatch):
     res = tw.main(["--model", folder, "--data", task, "--method", "grpo-lora", "--out_dir", out, "--max_steps=25",
                    "--limit=4", "--batch_size=4", "--group=8", "--micro_batch=16", "--max_new_tokens=2", "--lr=1e-2",
                    "--warmup=0", *QUIET])
-    after = p_even(res["target"])
+    after = p_even(res["policy"])
     assert after > before + 0.05, (before, after)
-    assert_base_unchanged(res["target"], folder)
+    assert_base_unchanged(res["policy"], folder)
 
 
-def invoke_more(text, gold, rollout):
+def invoke_more(task, rows, rollouts):
     """Rigged: reward = the fraction of trigger decisions that inserted memory."""
-    d = [x for _, _, x in rollout["decisions"]]
-    return sum(d) / len(d) if d else 0.0
+    ds = [[x for _, _, x in o["decisions"]] for o in rollouts]
+    return [sum(d) / len(d) if d else 0.0 for d in ds]
 
 
 def test_trigger_learns_a_rigged_reward_and_trains_only_itself(folder, task, tmp_path, monkeypatch):
-    from tokenizer import load_tokenizer
-    from data.gsm8k import load_task, messages
-
     weaver = str(tmp_path / "w")
     tw.main(["--model", folder, "--data", task, "--out_dir", weaver, "--max_steps=1", "--limit=4", *QUIET])
-    monkeypatch.setattr(tt, "reward", invoke_more)
-    tok = load_tokenizer(folder)
-    prompts = [tok.chat(messages(r["question"])) for r in load_task(task, "train")[:4]]
+    monkeypatch.setattr(training, "task_rewards", invoke_more)
+    tok, exs = examples(folder, task, 4)
+    prompts = [e["prompt"] for e in exs]
     captured = {}
-    real = tt.build
+    real = tt.build_policy
 
     def p_insert(mg):
         with torch.no_grad():
             ids, mask, plen = memgen.right_pad(prompts, [[]] * len(prompts), 0, "cpu")
             return memgen.trigger_forward(mg, ids, mask)[torch.arange(len(prompts)), plen - 1].mean().item()
 
-    def capture(cfg, device):
-        model, tok_, mg, params = real(cfg, device)
+    def capture(run):
+        real(run)
+        mg = run.policy
         captured.update(p=p_insert(mg), weaver=snapshot(mg.trainable("weaver")),
                         trigger=snapshot(mg.trainable("trigger")))
-        return model, tok_, mg, params
 
-    monkeypatch.setattr(tt, "build", capture)
+    monkeypatch.setattr(tt, "build_policy", capture)
     out = str(tmp_path / "t")
-    res = tt.main(["--model", folder, "--data", task, "--weaver", weaver + "/final", "--out_dir", out,
+    res = tt.main(["--model", folder, "--data", task, "--adapter", weaver + "/final", "--out_dir", out,
                    "--max_steps=25", "--limit=4", "--batch_size=4", "--group=8", "--max_new_tokens=2",
                    "--lr=3e-2", "--warmup=0", "--lambda=0", *QUIET])
-    mg = res["target"]
+    mg = res["policy"]
     assert p_insert(mg) > captured["p"] + 0.1, (captured["p"], p_insert(mg))
     assert changed(captured["weaver"], mg.trainable("weaver")) == set()
     assert changed(captured["trigger"], mg.trainable("trigger")) == set(mg.trainable("trigger"))
@@ -262,7 +264,7 @@ def test_trigger_learns_a_rigged_reward_and_trains_only_itself(folder, task, tmp
     assert {"trigger.safetensors", "weaver.safetensors"} <= set(os.listdir(os.path.join(out, "final")))
 
 
-def test_invocation_penalty_by_hand():
+def test_invocation_penalty_matches_a_hand_computation():
     # rewards 1, 1, 0, 0: median 0.5, above it rollouts 0 and 1 with rates 1/2 and 0 -> p_bar = 0.25
     rewards = [1.0, 1.0, 0.0, 0.0]
     decisions = [[1, 0], [0, 0, 0], [1, 1], []]
@@ -280,63 +282,183 @@ def test_invocation_penalty_by_hand():
     assert tt.penalised_rewards([1.0], [[1, 1, 1]], 0.0, 0.0).tolist() == [1.0]
 
 
-def test_group_advantages():
+def test_grpo_advantages_are_relative_to_each_prompts_group():
     adv = tw.group_advantages([1, 0, 0, 0, 1, 1, 1, 1], 4, 1e-4)
     torch.testing.assert_close(adv[:4], torch.tensor([3.0, -1, -1, -1]) / (3 ** 0.5))
     assert torch.equal(adv[4:], torch.zeros(4))  # an all-correct group teaches nothing
 
 
-def test_schedule_and_batches():
+def test_lr_warms_up_then_decays_and_each_epoch_visits_every_example_once():
     cfg = {"lr": 1.0, "warmup": 0.1}
-    lrs = [tw.lr_at(s, 100, cfg) for s in range(100)]
+    lrs = [training.lr_at(s, 100, cfg) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[-1] < 1e-3
-    seen = [i for s in range(5) for i in tw.batch_indices(s, 20, 4, 0)]
+    seen = [i for s in range(5) for i in training.batch_indices(s, 20, 4, 0)]
     assert sorted(seen) == list(range(20))  # one epoch covers every example once
-    assert tw.batch_indices(5, 20, 4, 0) != tw.batch_indices(0, 20, 4, 0)  # the next epoch reshuffles
+    assert training.batch_indices(5, 20, 4, 0) != training.batch_indices(0, 20, 4, 0)  # the next epoch reshuffles
 
 
-# ---- settings
+# ---- bad inputs: one clear line on stderr, exit status 2, no traceback (issue 11)
 
 
-def test_overrides():
-    base = tw.defaults(vars(tw))
-    cfg, given = tw.parse_overrides(["--lr=3e-4", "--max-steps", "7", "--progress=false", "--method=grpo"], base, "x")
-    assert (cfg["lr"], cfg["max_steps"], cfg["progress"], cfg["method"]) == (3e-4, 7, False, "grpo")
-    assert given == {"lr", "max_steps", "progress", "method"}
-    assert cfg["epochs"] == tw.EPOCHS
-    with pytest.raises(tw.TrainError, match="unknown setting --lrr; valid keys: .*lr"):
-        tw.parse_overrides(["--lrr=1"], base, "x")
-    with pytest.raises(tw.TrainError, match="--max_steps='ten': expected int"):
-        tw.parse_overrides(["--max_steps=ten"], base, "x")
-    with pytest.raises(tw.TrainError, match="expected bool"):
-        tw.parse_overrides(["--progress=maybe"], base, "x")
-    with pytest.raises(tw.TrainError, match="unexpected argument"):
-        tw.parse_overrides(["gsm8k"], base, "x")
+def fails(main, argv, capsys):
+    """Run a main that must stop with one line; return that line."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [x for x in err.splitlines() if "error:" in x]
+    assert len(lines) == 1, err
+    return lines[0]
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--method=dpo"], "unknown --method 'dpo'"),
-    (["--batch_size=0"], "--batch_size must be >= 1"),
-    (["--warmup=1.5"], "--warmup is a fraction"),
-    (["--method=grpo", "--temperature=0"], "--temperature must be > 0"),
-    (["--data=nope.jsonl"], "nope.jsonl does not exist"),
-    (["--model=/no/such/folder"], "/no/such/folder"),
+    (["--method=dpo"], "unknown --method='dpo'; use one of sft, grpo, sft-lora, grpo-lora"),
+    (["--batch_size=0"], "--batch_size must be >= 1, got 0"),
+    (["--warmup=1.5"], "--warmup must be in [0, 1) (a fraction of the steps), got 1.5"),
+    (["--method=grpo", "--temperature=0"], "--temperature must be > 0, got 0.0"),
+    (["--lr=inf"], "--lr='inf': must be a finite number"),
+    (["--lr=nan"], "--lr='nan': must be a finite number"),
+    (["--lr=0"], "--lr must be > 0, got 0.0"),
+    (["--grad_clip=-1"], "--grad_clip must be >= 0, got -1.0"),
+    (["--lora_dropout=1.5"], "--lora_dropout must be in [0, 1) (a probability), got 1.5"),
+    (["--lora_targets=foo"], "--lora_targets: foo is not a Linear layer of this model; pick from down_proj, gate_proj, "
+                             "k_proj, o_proj, q_proj, up_proj, v_proj"),
+    (["--max_len=1000"], "--max_len=1000 plus 32 latent positions ((N+1) x K) exceeds the model's context (1024 "
+                         "positions); use --max_len=992 or less"),
+    (["--method=sft-lora", "--max_len=2048"], "--max_len=2048 exceeds the model's context (1024 positions); use "
+                                              "--max_len=1024 or less"),
+    (["--data=nope.jsonl"], "task file nope.jsonl (from 'nope.jsonl') does not exist"),
+    (["--model=/no/such/folder"], "model folder '/no/such/folder' does not exist"),
     (["--resume=/no/such/run"], "no checkpoint there"),
 ])
 def test_bad_settings_are_one_clear_line(folder, task, tmp_path, capsys, args, message):
     base = ["--model", folder, "--data", task, "--out_dir", str(tmp_path / "o"), "--max_steps=1", *QUIET]
-    with pytest.raises(SystemExit) as e:
-        tw.main(base + args)
-    assert e.value.code == 2
+    assert message in fails(tw.main, base + args, capsys)
+    assert not (tmp_path / "o").exists()  # nothing was written
+
+
+def test_cuda_asked_for_without_cuda_is_one_line(folder, task, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    line = fails(tw.main, ["--model", folder, "--data", task, "--out_dir", str(tmp_path / "o"), "--device=cuda",
+                           *QUIET], capsys)
+    assert "CUDA was asked for (--device=cuda) but this torch has no CUDA (or no GPU is visible)" in line
+
+
+def test_a_task_too_small_for_a_validation_split_names_the_fix(folder, tmp_path, capsys):
+    tiny = tmp_path / "tiny.jsonl"
+    tiny.write_text("".join(json.dumps({"question": f"{i} + 1?", "answer": str(i + 1)}) + "\n" for i in range(6)))
+    line = fails(tw.main, ["--model", folder, "--data", str(tiny), "--out_dir", str(tmp_path / "o"),
+                           "--max_steps=1", "--batch_size=2", *QUIET, "--val_size=8"], capsys)
+    assert f"the validation split of --data={tiny} is empty" in line and "--val_size=0" in line
+
+
+def test_trigger_training_without_a_weaver_or_with_a_wrong_one_is_one_line(folder, task, tmp_path, capsys):
+    base = ["--model", folder, "--data", task, "--out_dir", str(tmp_path / "t"), *QUIET]
+    assert "--adapter is required" in fails(tt.main, base, capsys)
+    assert f"--adapter={tmp_path}: no weaver.safetensors there" in fails(tt.main, base + [f"--adapter={tmp_path}"],
+                                                                          capsys)
+
+
+def test_a_second_run_into_the_same_folder_is_refused_unless_resume_or_overwrite(folder, task, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    argv = ["--model", folder, "--data", task, "--out_dir", out, "--max_steps=2", "--limit=4", *QUIET]
+    tw.main(argv)
+    first = Path(out, "final", "weaver.safetensors").read_bytes()
+    line = fails(tw.main, argv, capsys)
+    assert f"{out} already holds a run (step-0000002, final)" in line
+    assert f"--resume={out}" in line and "--overwrite=true" in line
+    assert Path(out, "final", "weaver.safetensors").read_bytes() == first  # untouched
+    tw.main(argv + ["--overwrite=true", "--seed=7"])
+    assert Path(out, "final", "weaver.safetensors").read_bytes() != first
+    assert [r["event"] for r in log_rows(out) if "event" in r] == ["start"]  # one run's log, not two mixed
+
+
+def test_a_non_finite_loss_stops_the_run_naming_the_step_and_saves_nothing_from_it(folder, task, tmp_path,
+                                                                                   capsys, monkeypatch):
+    real, calls = tw.sft_loss, []
+
+    def nan_at_step_3(run, examples):
+        calls.append(1)
+        s, n = real(run, examples)
+        return (s * float("nan"), n) if len(calls) == 3 else (s, n)
+
+    monkeypatch.setattr(tw, "sft_loss", nan_at_step_3)
+    out = tmp_path / "run"
+    line = fails(tw.main, ["--model", folder, "--data", task, "--out_dir", str(out), "--max_steps=4", "--limit=4",
+                           "--micro_batch=4", *QUIET, "--save_interval=1"], capsys)
+    assert line.startswith("train_weaver.py: error: step 3: the loss is nan")
+    assert "nothing from this step is saved" in line and f"{out}/step-0000002" in line
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("step-")) == ["step-0000001", "step-0000002"]
+    assert not (out / "final").exists() and max(step_losses(out)) == 2
+
+
+def test_grad_clip_zero_means_no_clipping(folder, task, tmp_path):
+    from safetensors.torch import load_file
+
+    common = ["--model", folder, "--data", task, "--method=sft-lora", "--max_steps=2", "--limit=4", "--lr=1e-2",
+              "--lora_dropout=0", *QUIET]
+    tw.main(common + ["--out_dir", str(tmp_path / "zero"), "--grad_clip=0"])
+    tw.main(common + ["--out_dir", str(tmp_path / "huge"), "--grad_clip=1e9"])
+    tw.main(common + ["--out_dir", str(tmp_path / "tiny"), "--grad_clip=1e-6"])
+    zero, huge, tiny = (load_file(tmp_path / d / "final" / "sft.safetensors") for d in ("zero", "huge", "tiny"))
+    assert all(torch.equal(zero[k], huge[k]) for k in zero)  # 0 clips nothing
+    assert any(not torch.equal(zero[k], tiny[k]) for k in zero)  # (clipping does change the update)
+    assert any(torch.count_nonzero(v) for k, v in zero.items() if "lora_B" in k)  # and 0 did not zero the update
+
+
+def test_a_damaged_checkpoint_names_the_file_and_the_previous_good_one(folder, task, tmp_path, capsys):
+    out = tmp_path / "run"
+    tw.main(["--model", folder, "--data", task, "--out_dir", str(out), "--max_steps=4", "--stop_step=2",
+             "--limit=4", *QUIET, "--save_interval=1"])
+    (out / "step-0000002" / "state.pt").write_bytes(b"not a checkpoint")
+    line = fails(tw.main, ["--resume", str(out)], capsys)
+    assert f"cannot restore {out}/step-0000002/state.pt: the checkpoint is damaged" in line
+    assert line.endswith(f"resume from the previous good checkpoint: --resume={out}/step-0000001")
+    res = tw.main(["--resume", f"{out}/step-0000001", "--stop_step=2"])  # which works
+    assert res["step"] == 2
+
+
+@pytest.fixture(scope="module")
+def k4_weaver(folder, tmp_path_factory):
+    """A saved MemGen weaver with K=4 latents, made on the test model."""
+    path = str(tmp_path_factory.mktemp("k4"))
+    memgen.save(memgen.MemGen(load_model(folder, dtype="float32"), load_tokenizer(folder), k=4), path)
+    return path
+
+
+def test_an_adapter_with_other_k_says_which_k_to_pass(folder, task, tmp_path, capsys, k4_weaver):
+    line = fails(tw.main, ["--model", folder, "--data", task, "--out_dir", str(tmp_path / "o"), "--method=grpo",
+                           f"--adapter={k4_weaver}", *QUIET], capsys)
+    assert line.endswith(f"{k4_weaver}/weaver.json: this adapter has K=4 latents; pass --k=4")
+
+
+def test_an_adapter_from_another_base_model_is_refused_unless_allowed(folder, task, tmp_path, capsys, k4_weaver):
+    other = tmp_path / "other"
+    shutil.copytree(k4_weaver, other)
+    info = json.loads((other / "weaver.json").read_text())
+    (other / "weaver.json").write_text(json.dumps(dict(info, base_model="SmolLM2-135M-Instruct")))
+    argv = ["--model", folder, "--data", task, "--out_dir", str(tmp_path / "o"), "--max_steps=1", "--limit=4",
+            "--k=4", f"--adapter={other}", *QUIET]
+    line = fails(tw.main, argv, capsys)
+    assert (f"{other}/weaver.json was trained on base model SmolLM2-135M-Instruct, this run loads "
+            f"{Path(folder).name}: pass that --model, or --allow_other_base=true to load it anyway") in line
+    assert tw.main(argv + ["--allow_other_base=true"])["step"] == 1
+
+
+def test_a_quick_run_announces_and_runs_a_final_eval_of_its_own_size(folder, task, tmp_path, capsys):
+    """--max_steps=2 x --batch_size=2: the final eval takes 4 test problems (of 20), announced with a time
+    estimate before training starts."""
+    out = tmp_path / "run"
+    res = tw.main(["--model", folder, "--data", task, "--out_dir", str(out), "--max_steps=2", "--batch_size=2",
+                   "--micro_batch=2", "--max_new_tokens=4", "--progress=false", "--dtype=float32", "--val_size=0",
+                   "--max_len=512"])
     err = capsys.readouterr().err
-    assert message in err and "Traceback" not in err
-
-
-def test_trigger_needs_a_weaver(folder, task, tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        tt.main(["--model", folder, "--data", task, "--out_dir", str(tmp_path), *QUIET])
-    assert "--weaver DIR is required" in capsys.readouterr().err
+    plan = next(x for x in err.splitlines() if "final eval after training" in x)
+    assert re.search(r"4 of 20 test problems \(the run's size; --final_eval_limit=-1 skips it\), about \d+ s", plan)
+    assert err.index(plan) < err.index(" on 18 examples")  # announced at start
+    assert res["final_eval"]["n"] == 4 and json.loads((out / "final_eval.json").read_text())["n"] == 4
 
 
 # ---- kill and resume, torchrun
@@ -351,7 +473,7 @@ def test_sigkill_then_resume_continues_exactly(folder, task, tmp_path):
     then --resume. Every step after the checkpoint it resumed from has the same loss, bit for bit."""
     common = ["--model", folder, "--data", task, "--max_steps=200", "--save_interval=2", "--batch_size=4",
               "--micro_batch=2", "--lr=1e-2", "--progress=false", "--dtype=float32", "--final_eval_limit=-1",
-              "--val_size=0"]  # dropout stays on (0.1): the resumed run must draw the same masks
+              "--val_size=0", "--max_len=512"]  # dropout stays on (0.1): the resumed run must draw the same masks
     ref = str(tmp_path / "ref")
     subprocess.run(script(*common, "--out_dir", ref, "--stop_step=12"), check=True, cwd=ROOT, capture_output=True)
     run = str(tmp_path / "run")
@@ -365,7 +487,7 @@ def test_sigkill_then_resume_continues_exactly(folder, task, tmp_path):
         time.sleep(0.02)
     p.send_signal(signal.SIGKILL)
     p.wait()
-    ckpt = tw.checkpoints(run)[-1]
+    ckpt = training.checkpoints(run)[-1]
     start = int(Path(ckpt).name[5:])
     assert 2 <= start < 200
     subprocess.run(script("--resume", run, "--stop_step=" + str(max(12, start + 2))), check=True, cwd=ROOT,

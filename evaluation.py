@@ -1,0 +1,410 @@
+"""
+evaluation.py: batched, resumable evaluation with pass@k - what eval.py and the trainers' validation and final eval
+share.
+
+    evaluate(policy, tokenizer, task, rows, mode, ...) -> summary dict
+      policy: a model.Transformer (mode "vanilla", or "lora" with an "sft" adapter on it) or a memgen.MemGen
+      (mode "memgen"); task: a task of the data registry (data.get_task); rows: its rows (task.load).
+
+Each problem's prompt is the task's chat messages rendered by the tokenizer; its completions are graded by the
+task's grader. A problem whose prompt does not fit the model's context is not generated: it is recorded as skipped,
+with the reason, and counts as unsolved. With out_path, one row per problem is appended to a results.jsonl batch by
+batch; a killed run resumes where it stopped.
+"""
+import datetime
+import json
+import math
+import operator
+import os
+import sys
+import time
+from pathlib import Path
+
+import data
+
+MODES = ("vanilla", "lora", "memgen")
+PASS_KS = (1, 2, 4, 8, 16, 32)
+CALL_SEED_STRIDE = 1_000_003  # when one batch needs several generate calls (samples > batch size)
+# the settings that change what a result row holds: a resumed run must match them all (batch size and limit may
+# change); the default output folder names those that differ from their defaults
+RUN_KEYS = ("data", "split", "mode", "trigger_mode", "model", "adapter", "samples", "temperature", "top_p",
+            "max_new_tokens", "seed", "dtype")
+
+
+class EvalError(ValueError):
+    """A bad argument or an output folder that does not fit this run; the message says what to do."""
+
+
+# -----------------------------------------------------------------------------
+# tasks (data.get_task)
+
+
+def data_label(spec):
+    """A --data spec as it appears in folder names and tables: "gsm8k", or the stem of its jsonl file."""
+    path = spec.partition(":")[2] if ":" in spec else spec
+    return Path(path).stem if path.endswith(".jsonl") else spec
+
+
+# -----------------------------------------------------------------------------
+# pass@k and summaries
+
+
+def _as_int(name, value):
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        return operator.index(value)  # ints and numpy ints, not floats
+    except TypeError:
+        raise ValueError(f"pass_at_k: {name} must be an integer, got {value!r}") from None
+
+
+def pass_at_k(n, c, k):
+    """Unbiased pass@k of Chen et al. 2021: 1 - C(n-c, k) / C(n, k).
+
+    n samples were drawn for a problem and c of them are correct; the result is the chance that at least one of k
+    samples (drawn without replacement) is correct. The binomial ratio is computed as prod_{i=n-c+1..n} (1 - k/i),
+    which never builds the huge binomials and so stays exact-ish for large n.
+    """
+    n, c, k = _as_int("n", n), _as_int("c", c), _as_int("k", k)
+    if not 0 <= c <= n:
+        raise ValueError(f"pass_at_k: need 0 <= c <= n, got c={c}, n={n}")
+    if not 1 <= k <= n:
+        raise ValueError(f"pass_at_k: need 1 <= k <= n, got k={k}, n={n}")
+    if n - c < k:  # every k-subset must contain a correct sample
+        return 1.0
+    prob_all_wrong = math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+    return 1.0 - prob_all_wrong
+
+
+def summarize(records, samples):
+    """Metrics over result rows (as written to results.jsonl). Every generated row holds `samples` completions.
+
+    n counts every problem, skipped ones included; skipped counts those whose prompt did not fit the model, and
+    they count as unsolved in pass@k (a model that cannot read the problem does not solve it). pass@1 is the mean
+    over problems of c/n (= the unbiased pass@1); pass@k for every k in PASS_KS up to `samples`; mean completion
+    length in tokens (EOS not counted); for MemGen rows the mean number of insertions per completion, with and
+    without the one at the end of the prompt.
+    """
+    records = list(records)
+    done = [r for r in records if "skipped" not in r]
+    for r in done:
+        if len(r["correct"]) != samples:
+            raise EvalError(f"problem {r['id']} has {len(r['correct'])} completions, expected {samples}")
+    out = {"n": len(records), "skipped": len(records) - len(done), "samples": samples}
+    for k in PASS_KS:
+        if k <= samples:
+            solved = sum(pass_at_k(samples, sum(r["correct"]), k) for r in done)
+            out[f"pass@{k}"] = solved / len(records) if records else 0.0
+    lengths = [x for r in done for x in r["lengths"]]
+    out["mean_length"] = sum(lengths) / len(lengths) if lengths else 0.0
+    if done and all("insertions" in r for r in done):
+        ins = [x for r in done for x in r["insertions"]]
+        out["mean_inference_insertions"] = sum(sum(1 for t in x if t > 0) for x in ins) / len(ins)
+        out["mean_insertions"] = sum(len(x) for x in ins) / len(ins)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# results.jsonl: append per batch, resume, survive a truncated last line
+
+
+def read_results(path):
+    """The complete rows of a results.jsonl. A last line cut off by a kill is dropped and the file is rewritten
+    without it (atomically), so that later appends start on a clean line."""
+    if not os.path.isfile(path):
+        return []
+    with open(path, "rb") as f:
+        data = f.read()
+    lines = data.split(b"\n")
+    rows, good_bytes = [], 0
+    for i, line in enumerate(lines):
+        last = i == len(lines) - 1
+        if not line.strip():
+            if not last:
+                good_bytes += len(line) + 1
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or "id" not in row or not ("correct" in row or "skipped" in row):
+                raise ValueError
+        except ValueError:
+            if last or all(not x.strip() for x in lines[i + 1:]):
+                break  # the tail a killed run left: dropped below
+            raise EvalError(f"{path}, line {i + 1}: not a complete result row; delete the file (or that line) "
+                            "or pick another --out_dir") from None
+        if last:  # valid JSON but no newline: a kill right before the '\n'; drop it too, it is rewritten
+            break
+        rows.append(row)
+        good_bytes += len(line) + 1
+    if good_bytes != len(data):
+        print(f"evaluation: dropping an incomplete last line of {path} (an interrupted run); it is regenerated",
+              file=sys.stderr)
+        tmp = path + ".tmp"
+        with open(tmp, "wb") as f:
+            f.write(data[:good_bytes])
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    return rows
+
+
+def append_results(path, rows):
+    """Append whole rows at once, then flush + fsync: a kill leaves at most one cut-off last line."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_json(path, obj):
+    """Write JSON to a temp file and rename it: a reader never sees half a file."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, ensure_ascii=False)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+# -----------------------------------------------------------------------------
+# generation and grading
+
+
+def generate_batch(policy, tokenizer, mode, prompts, max_new_tokens, temperature=0.0, top_p=1.0, seed=0,
+                   trigger_mode=None):
+    """One generate call -> per row (completion ids without EOS, text, insertions or None)."""
+    import lora
+    import memgen
+    from model import generate
+
+    if mode == "memgen":
+        outs = memgen.generate(policy, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                               top_p=top_p, seed=seed, mode=trigger_mode)
+        eos = set(tokenizer.eos_ids)
+        return [(o["ids"][:-1] if o["ids"] and o["ids"][-1] in eos else o["ids"], o["text"], list(o["insertions"]))
+                for o in outs]
+    with lora.use(policy, "sft" if mode == "lora" else None):
+        seqs, texts = generate(policy, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                               top_p=top_p, seed=seed)
+    return [(s, t, None) for s, t in zip(seqs, texts)]
+
+
+def check_sampling(samples, temperature, top_p, batch_size, max_new_tokens):
+    """The sampling settings of an evaluation, each checked with a one-line message naming the setting."""
+    if not isinstance(samples, int) or samples < 1:
+        raise EvalError(f"--samples must be >= 1, got {samples}")
+    if temperature < 0 or not math.isfinite(temperature):
+        raise EvalError(f"--temperature must be >= 0, got {temperature}")
+    if samples > 1 and temperature == 0:
+        raise EvalError(f"--samples={samples} with --temperature=0: greedy decoding gives {samples} identical "
+                        "completions; use --samples=1, or sample with e.g. --temperature=1.0")
+    if not 0 < top_p <= 1:
+        raise EvalError(f"--top_p must be in (0, 1], got {top_p}")
+    if batch_size < 1:
+        raise EvalError(f"--batch_size must be >= 1, got {batch_size}")
+    if max_new_tokens < 1:
+        raise EvalError(f"--max_new_tokens must be >= 1, got {max_new_tokens}")
+
+
+def prompt_room(policy, mode):
+    """The longest prompt (in tokens) the policy can read and still write one token: the model's context, less
+    the latents MemGen may insert (K at the prompt's end and after each of up to N sentences)."""
+    if mode == "memgen":
+        return policy.model.cfg.max_positions - policy.k * (policy.n + 1) - 1
+    return policy.cfg.max_positions - 1
+
+
+def _policy_for(policy, mode, trigger_mode):
+    """(the object to generate with, trigger mode) for a mode, or EvalError."""
+    import memgen
+
+    is_mg = isinstance(policy, memgen.MemGen)
+    if mode not in MODES:
+        raise EvalError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
+    if mode == "memgen":
+        if not is_mg:
+            raise EvalError("mode memgen needs a memgen.MemGen, got a plain model")
+        trigger_mode = policy.mode if trigger_mode is None else trigger_mode
+        if trigger_mode not in memgen.TRIGGER_MODES:
+            raise EvalError(f"unknown trigger mode {trigger_mode!r}: use one of {', '.join(memgen.TRIGGER_MODES)}")
+        return policy, trigger_mode
+    model = policy.model if is_mg else policy
+    if mode == "lora" and "sft" not in getattr(model, "lora_meta", {}):
+        raise EvalError("mode lora needs an 'sft' adapter on the model (lora.inject or lora.load_adapter)")
+    return model, None
+
+
+def evaluate(policy, tokenizer, task, rows, mode, samples=1, temperature=0.0, top_p=1.0, batch_size=16,
+             max_new_tokens=512, seed=0, trigger_mode=None, out_path=None, progress=True):
+    """
+    Generate `samples` completions per problem, grade them with the task's grader, return summarize() plus timing.
+
+    out_path: a results.jsonl to append to, batch by batch; problems whose id is already in it are not generated
+    again, and the summary covers all of `rows`. Batches are fixed by the problems' positions in `rows` (batch i =
+    problems i*P..(i+1)*P-1 with P = max(1, batch_size // samples)), and batch i is sampled with seed + i, so an
+    interrupted run that is resumed with the same rows and batch size gives the same completions as an
+    uninterrupted one. A prompt longer than prompt_room() is recorded as skipped, with the reason. Modules are put
+    in eval mode (no adapter dropout) and restored afterwards.
+    """
+    from tqdm import tqdm
+
+    check_sampling(samples, temperature, top_p, batch_size, max_new_tokens)
+    gen_policy, trigger_mode = _policy_for(policy, mode, trigger_mode)
+    ids = [str(r["id"]) for r in rows]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise EvalError(f"problem id {dup!r} appears twice in the task rows; ids must be unique to resume")
+    done = {}
+    for rec in read_results(out_path) if out_path is not None else []:
+        if "correct" in rec and len(rec["correct"]) != samples:
+            raise EvalError(f"{out_path} holds rows with {len(rec['correct'])} completions per problem, this run "
+                            f"asks for {samples}: pick another --out_dir (or delete that file)")
+        done[str(rec["id"])] = rec
+    per_batch = max(1, batch_size // samples)  # problems per batch (one problem may need several calls)
+    pending = {}  # batch index -> positions of problems still to do, in order
+    for pos, i in enumerate(ids):
+        if i not in done:
+            pending.setdefault(pos // per_batch, []).append(pos)
+
+    training = {m: m.training for m in policy.modules()}
+    policy.eval()
+    room, new_tokens, gen_s, t0 = prompt_room(policy, mode), 0, 0.0, time.time()
+    todo = sum(len(v) for v in pending.values())
+    bar = tqdm(total=len(rows), initial=len(rows) - todo, desc=f"eval {mode}", unit="problem",
+               disable=not progress or None)
+    try:
+        for b, positions in pending.items():
+            prompts = [tokenizer.chat(task.messages(rows[p])) for p in positions]
+            fits = [j for j, pr in enumerate(prompts) if len(pr) <= room]
+            flat = [prompts[j] for j in fits for _ in range(samples)]
+            outs, t1 = [], time.time()
+            for c, start in enumerate(range(0, len(flat), batch_size)):
+                outs += generate_batch(gen_policy, tokenizer, mode, flat[start:start + batch_size], max_new_tokens,
+                                       temperature, top_p, seed + b + CALL_SEED_STRIDE * c, trigger_mode)
+            gen_s += time.time() - t1
+            graded = data.grade_all(task, [rows[positions[j]] for j in fits for _ in range(samples)],
+                                    [t for _, t, _ in outs])
+            records = []
+            for j, p in enumerate(positions):
+                rec = {"id": ids[p], **({"question": rows[p]["question"]} if "question" in rows[p] else {}),
+                       "gold": rows[p]["answer"]}
+                if j not in fits:
+                    rec["skipped"] = (f"the prompt has {len(prompts[j])} tokens, more than the {room} this model "
+                                      f"can read here ({mode}); the problem counts as unsolved")
+                else:
+                    at = fits.index(j) * samples
+                    mine = outs[at:at + samples]
+                    rec.update(completions=[t for _, t, _ in mine], correct=graded[at:at + samples],
+                               lengths=[len(s) for s, _, _ in mine])
+                    if hasattr(task, "extract"):
+                        rec["extracted"] = [task.extract(t) for _, t, _ in mine]
+                    if mode == "memgen":
+                        rec["insertions"] = [ins for _, _, ins in mine]
+                    new_tokens += sum(rec["lengths"])
+                records.append(rec)
+            if out_path is not None:
+                append_results(out_path, records)
+            for rec in records:
+                done[rec["id"]] = rec
+            bar.update(len(positions))
+    finally:
+        bar.close()
+        for m, was in training.items():
+            m.train(was)
+    summary = summarize([done[i] for i in ids], samples)
+    summary.update(wall_s=round(time.time() - t0, 3), generated_problems=todo, generated_tokens=new_tokens,
+                   tokens_per_s=round(new_tokens / gen_s, 2) if gen_s > 0 else None)
+    return summary
+
+
+def estimate_seconds(policy, tokenizer, task, rows, mode, batch_size, max_new_tokens, probe_tokens=4):
+    """About how long a greedy evaluate() of `rows` takes at most (every completion at full length), from one
+    batch decoding probe_tokens tokens, timed now."""
+    gen_policy, trigger_mode = _policy_for(policy, mode, None)
+    room = prompt_room(policy, mode)
+    prompts = [p for p in (tokenizer.chat(task.messages(r)) for r in rows[:batch_size]) if len(p) <= room]
+    if not prompts:
+        return 0.0
+    training = {m: m.training for m in policy.modules()}
+    policy.eval()
+    try:
+        t = time.time()
+        generate_batch(gen_policy, tokenizer, mode, prompts, probe_tokens, trigger_mode=trigger_mode)
+        per_token = (time.time() - t) / probe_tokens
+    finally:
+        for m, was in training.items():
+            m.train(was)
+    return math.ceil(len(rows) / batch_size) * max_new_tokens * per_token
+
+
+# -----------------------------------------------------------------------------
+# output folders and the cross-run table
+
+
+def run_label(mode, trigger_mode):
+    """The mode as shown in folder names and the results table: memgen runs name their trigger unless "always"."""
+    return f"memgen-{trigger_mode}" if mode == "memgen" and trigger_mode != "always" else mode
+
+
+def adapter_label(folder):
+    """An adapter folder in a name: out/sft-gsm8k-M/final -> sft-gsm8k-M-final (a bare final/ says nothing)."""
+    parts = Path(os.path.abspath(folder)).parts
+    last = parts[-1]
+    return f"{parts[-2]}-{last}" if (last == "final" or last.startswith("step-")) and len(parts) > 1 else last
+
+
+def default_out_dir(cfg, defaults):
+    """out/eval/<data>[-<split>]-<mode>-<model>[-<adapter>][-<setting><value> ...]: every setting that changes the
+    results and differs from its default is in the name, so two different evaluations never share a folder."""
+    name = [data_label(cfg["data"])]
+    if cfg["split"] != defaults["split"]:
+        name.append(cfg["split"])
+    name += [run_label(cfg["mode"], cfg["trigger_mode"]), Path(cfg["model"].rstrip("/")).name]
+    if cfg["adapter"]:
+        name.append(adapter_label(cfg["adapter"]))
+    name += [f"{k}{cfg[k]}" for k in RUN_KEYS if k not in ("data", "split", "mode", "trigger_mode", "model", "adapter")
+             and cfg[k] != defaults[k]]
+    return os.path.join("out", "eval", "-".join(name))
+
+
+def claim_out_dir(out_dir, run):
+    """Make out_dir this run's: refuse it when it holds results made with other settings (run.json), else write
+    run.json. Called once the model has loaded, so a typo in the model path never claims a folder."""
+    old = None
+    for name in ("run.json", "summary.json"):
+        p = os.path.join(out_dir, name)
+        if os.path.isfile(p):
+            try:
+                with open(p) as f:
+                    obj = json.load(f)
+                old = obj if name == "run.json" else obj.get("run")
+            except (OSError, ValueError, AttributeError):
+                old = None
+            if old:
+                break
+    diff = [k for k in RUN_KEYS if old and old.get(k) != run[k]]
+    if diff:
+        said = ", ".join(f"{k}: {old.get(k)!r} there, {run[k]!r} now" for k in diff)
+        raise EvalError(f"{out_dir} holds results made with other settings ({said}); pass a different --out_dir to "
+                        "keep both, or delete that folder")
+    os.makedirs(out_dir, exist_ok=True)
+    write_json(os.path.join(out_dir, "run.json"), run)
+
+
+def append_markdown(path, cfg, summary):
+    """One row per run in a table shared by all runs (created with its header)."""
+    header = ("| date | data | mode | model | adapter | samples | "
+              + " | ".join(f"pass@{k}" for k in PASS_KS) + " | n | skipped |\n"
+              + "|" + " --- |" * (8 + len(PASS_KS)) + "\n")
+    cells = [datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), data_label(cfg["data"]),
+             run_label(cfg["mode"], cfg["trigger_mode"]), Path(cfg["model"].rstrip("/")).name,
+             adapter_label(cfg["adapter"]) if cfg["adapter"] else "-", str(cfg["samples"])]
+    cells += [f"{100 * summary[f'pass@{k}']:.1f}" if f"pass@{k}" in summary else "-" for k in PASS_KS]
+    cells += [str(summary["n"]), str(summary["skipped"])]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if not os.path.isfile(path):
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(header)
+        os.replace(tmp, path)
+    with open(path, "a") as f:
+        f.write("| " + " | ".join(cells) + " |\n")
