@@ -29,7 +29,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-import lora
+import loading
 import memgen
 import settings
 
@@ -50,6 +50,7 @@ TOP_TOKENS = 5  # nearest tokens per latent, and tokens shown per next-token dis
 DTYPE = "auto"  # auto | float32 | bfloat16 | float16
 DEVICE = "auto"  # auto | cpu | cuda | cuda:N
 OUT_DIR = ""  # "" -> out/show/<data>-<split>-<model folder name>
+ALLOW_OTHER_BASE = False  # load an adapter trained on another base model
 # -----------------------------------------------------------------------------
 MODES = ("always", "learned", "random")
 PERCENTILES = (0, 5, 25, 50, 75, 95, 100)  # of the token-embedding norms, shown beside each latent's norm
@@ -57,7 +58,7 @@ _DIAMOND, _HOLLOW, _DOT = "\u25c6", "\u25c7", "\u00b7"  # page markers: insertio
 VISIBLE = str.maketrans({" ": "\u2423", "\n": "\u21b5", "\t": "\u21e5", "\r": "\u240d"})  # whitespace made visible
 
 
-class ShowError(ValueError):
+class ShowError(loading.LoadError):
     """A bad input; the message says what to do."""
 
 
@@ -466,16 +467,6 @@ def write_atomic(path, text):
     os.replace(path + ".tmp", path)
 
 
-def user_errors():
-    import data
-    from data.download import DownloadError
-    from data.gsm8k import DataError
-    from model import ModelError
-
-    kinds = [settings.SettingsError, ShowError, ModelError, lora.AdapterError, DataError, DownloadError]
-    return tuple(kinds + [v for k, v in vars(data).items() if k.endswith("Error") and isinstance(v, type)])
-
-
 def load_task(spec, split):
     """(rows, messages(row), grade(row, text) or None): the task registry data.get_task when it exists, else
     data.gsm8k."""
@@ -490,37 +481,25 @@ def load_task(spec, split):
 
 
 def build_memgen(model, tok, cfg, given):
-    """A MemGen with the adapter's weaver (and trigger, in mode learned) or MemGen's random initialisation, and
-    what the pages say about it."""
-    if not cfg["adapter"]:
+    """A MemGen with the adapter's weaver (and trigger, when the folder holds one) or MemGen's random
+    initialisation, and the adapter's json files for the pages."""
+    folder = cfg["adapter"]
+    if not folder:
         if cfg["trigger_mode"] == "learned":
             raise ShowError("--trigger_mode=learned needs a trained trigger: pass --adapter with trigger.safetensors")
         torch.manual_seed(cfg["seed"])
         return memgen.MemGen(model, tok, cfg["k"], cfg["n"], cfg["trigger_mode"]).eval(), {}
-    path = os.path.join(cfg["adapter"], "weaver.json")
-    if not os.path.isfile(path):
-        raise ShowError(f"{cfg['adapter']} holds no weaver (weaver.safetensors + weaver.json): pass a folder that "
-                        "memgen.save wrote (a training run's final/ or step-NNNNNNN/)")
-    with open(path) as f:
-        info = json.load(f)
-    k, n = info.get("k", memgen.K), info.get("n", memgen.N)
-    for key, v in (("k", k), ("n", n)):
-        if key in given and cfg[key] != v:
-            raise ShowError(f"--{key}={cfg[key]} but the adapter was trained with {key.upper()}={v}: drop --{key}")
-    mg = memgen.MemGen(model, tok, k, n, cfg["trigger_mode"], info["rank"], info["alpha"], info["dropout"],
-                       tuple(info["targets"]))
-    parts = ["weaver"]
-    if cfg["trigger_mode"] == "learned":
-        if not os.path.isfile(os.path.join(cfg["adapter"], "trigger.safetensors")):
-            raise ShowError(f"--trigger_mode=learned but {cfg['adapter']} holds no trigger.safetensors: train one "
-                            "with train_trigger.py, or use --trigger_mode=always")
-        parts.append("trigger")
-    memgen.load(mg, cfg["adapter"], parts)
-    about = {}
-    for p in parts:
-        with open(os.path.join(cfg["adapter"], f"{p}.json")) as f:
-            about[p] = json.load(f)
-    return mg.eval(), about
+    info = {"weaver": loading.adapter_info(folder, "weaver")}
+    for key, default in (("k", memgen.K), ("n", memgen.N)):
+        if key in given and cfg[key] != info["weaver"].get(key, default):
+            raise ShowError(f"--{key}={cfg[key]} but the adapter was trained with {key.upper()}="
+                            f"{info['weaver'].get(key, default)}: drop --{key}")
+    if os.path.isfile(os.path.join(folder, "trigger.safetensors")):
+        info["trigger"] = loading.adapter_info(folder, "trigger")
+    elif cfg["trigger_mode"] == "learned":
+        raise ShowError(f"--trigger_mode=learned but {folder} holds no trigger.safetensors: train one with "
+                        "train_trigger.py, or use --trigger_mode=always")
+    return loading.memgen_for(model, tok, folder, cfg["trigger_mode"], cfg["allow_other_base"]).eval(), info
 
 
 def command(cfg, index):
@@ -562,20 +541,15 @@ def check(cfg):
 
 @torch.no_grad()
 def run(cfg, given):
-    from data.download import resolve_model
-    from model import load_model
-    from tokenizer import load_tokenizer
-
     rows, messages, grade = load_task(cfg["data"], cfg["split"])
     if cfg["index"] >= len(rows):
         raise ShowError(f"--index={cfg['index']}: the {cfg['split']} split of {cfg['data']} has {len(rows)} rows")
     picked = list(range(cfg["index"], min(cfg["index"] + cfg["limit"], len(rows))))
-    folder = resolve_model(cfg["model"])
-    model, tok = load_model(folder, dtype=cfg["dtype"], device=cfg["device"]), load_tokenizer(folder)
+    model, tok = loading.load_base(cfg["model"], cfg["dtype"], loading.resolve_device(cfg["device"]))
     mg, adapter_info = build_memgen(model, tok, cfg, given)
     out_dir = cfg["out_dir"] or os.path.join(
         "out", "show", f"{os.path.basename(str(cfg['data'])).removesuffix('.jsonl')}-{cfg['split']}-"
-                       f"{os.path.basename(os.path.normpath(folder))}")
+                       f"{model.cfg.name}")
     os.makedirs(out_dir, exist_ok=True)
     about = describe(cfg, mg, adapter_info)
     emb = model.model.embed_tokens.weight[:mg.vocab]
@@ -608,13 +582,10 @@ def run(cfg, given):
 
 
 def main(argv=None):
-    prog = "show.py"
-    try:
-        cfg, given = settings.parse(sys.argv[1:] if argv is None else argv, globals(), prog)
+    with loading.one_line_errors("show.py"):
+        cfg, given = settings.parse(sys.argv[1:] if argv is None else argv, globals(), "show.py")
         check(cfg)
         return run(cfg, given)
-    except user_errors() as e:
-        settings.die(prog, " ".join(str(e).split()))
 
 
 if __name__ == "__main__":
