@@ -82,6 +82,15 @@ def nearest_tokens(latents, emb, top):
     return sim.topk(min(top, emb.shape[0]), dim=-1)
 
 
+def mean_pairwise_cosine(latents):
+    """Mean cosine similarity between the K latents of one insertion (1 = all point the same way)."""
+    k = len(latents)
+    if k < 2:
+        return 1.0
+    c = F.normalize(latents.float(), dim=-1)
+    return float(((c @ c.T).sum() - k) / (k * (k - 1)))
+
+
 def norm_table(emb):
     """The token embeddings' norms, sorted (the distribution each latent's norm is placed in)."""
     return emb.float().norm(dim=-1).sort().values
@@ -178,6 +187,7 @@ def inspect(mg, tok, prompt, result, top=TOP_TOKENS, emb_norms=None):
         chosen = comp[t]
         records.append({
             "j": j, "t": t, "after": tok.decode(comp[max(0, t - 8):t]).translate(VISIBLE) if t else "",
+            "spread": mean_pairwise_cosine(lat),
             "latents": [{"norm": float(n), "norm_rank": float(r),
                          "nearest": [[token_label(tok, i), int(i), float(s)] for s, i in zip(sc, ni)]}
                         for n, r, sc, ni in zip(norms, norm_rank(emb_norms, norms), scores, near)],
@@ -240,6 +250,10 @@ code,.tok{font-family:ui-monospace,Menlo,Consolas,monospace}.tok{background:#f0f
 .tick{position:absolute;top:-3px;width:3px;height:14px;background:#c0392b}
 .two{display:flex;gap:2em;flex-wrap:wrap}small{color:#666}
 """
+
+
+def prob(p):
+    return f"{p:.3f}" if p >= 0.001 or p == 0 else f"{p:.1e}"
 
 
 def esc(x):
@@ -315,7 +329,7 @@ def insertion_html(r, stats):
         lat_rows.append([str(q), f"{x['norm']:.3f}", f"{x['norm'] / median:.2f}",
                          f'{100 * x["norm_rank"]:.0f} %<span class="bar">{tick}</span>',
                          " ".join(tok_span(lab, s) for lab, _, s in x["nearest"])])
-    dist = lambda xs: table(["token", "p"], [[tok_span(lab), f"{p:.3f}"] for lab, _, p in xs], (1,))  # noqa: E731
+    dist = lambda xs: table(["token", "p"], [[tok_span(lab), prob(p)] for lab, _, p in xs], (1,))  # noqa: E731
     lab, _, pw, po = r["next"]
     where = (f"before completion token {r['t']}, after {tok_span(r['after'])}" if r["t"] else
              "at the end of the prompt")
@@ -324,9 +338,24 @@ def insertion_html(r, stats):
             + table(["latent", "norm", "\u00d7 median token norm", "token norms below it",
                      f"nearest tokens (cosine similarity, top {top})"], lat_rows, (1, 2))
             + f"<p>Effect on the next token: KL(with \u2016 without) = <b>{r['kl']:.4f}</b> nats. The token that came "
-              f"next, {tok_span(lab)}, has p = {pw:.3f} with the latents and {po:.3f} without.</p>"
+              f"next, {tok_span(lab)}, has p = {prob(pw)} with the latents and {prob(po)} without. The "
+              f"{len(r['latents'])} latents' mean pairwise cosine similarity is {r['spread']:.2f}.</p>"
             + f'<div class="two"><div><b>with</b>{dist(r["with"])}</div><div><b>without</b>{dist(r["without"])}'
               "</div></div>")
+
+
+def glance_html(rec):
+    """One row per insertion: where, how large, most similar token, effect."""
+    rows = []
+    for r in rec["insertions"]:
+        norms = [x["norm"] for x in r["latents"]]
+        best = max((x["nearest"][0] for x in r["latents"]), key=lambda n: n[2])
+        rows.append([f'<a href="#ins-{r["j"]}">{_DIAMOND}{r["j"]}</a>', str(r["t"]), tok_span(r["after"]),
+                     f"{sum(norms) / len(norms):.3f}", f"{r['spread']:.2f}", tok_span(best[0], best[2]),
+                     f"{r['kl']:.4f}", f"{tok_span(r['next'][0])} {prob(r['next'][2])} / {prob(r['next'][3])}"])
+    head = ["insertion", "before token", "after", "mean latent norm", "latents' mean cosine", "most similar token",
+            "KL(with \u2016 without)", "next token: p with / without"]
+    return table(head, rows, (1, 3, 4, 6))
 
 
 def problem_html(rec, tok, about, stats):
@@ -347,9 +376,10 @@ def problem_html(rec, tok, about, stats):
             f"<p>Reference answer: <b>{esc(rec.get('answer', ''))}</b>{esc(verdict)}</p>",
             f"<h2>Completion <small>({len(rec['ids'])} tokens, {len(rec['insertions'])} insertions)</small></h2>",
             legend, completion_html(rec, tok),
-            "<h2>Insertions</h2>",
-            "<p>Each latent's nearest vocabulary tokens by cosine similarity to the input embedding matrix, and its "
-            "norm placed in the distribution of the token embeddings' norms, whose percentiles are:</p>",
+            "<h2>Insertions</h2>", glance_html(rec) if rec["insertions"] else "",
+            "<p>Below, for each insertion: each latent's nearest vocabulary tokens by cosine similarity to the input "
+            "embedding matrix, and its norm placed in the distribution of the token embeddings' norms, whose "
+            "percentiles are:</p>",
             table([f"p{q}" for q in PERCENTILES], [[f"{v:.3f}" for v in stats["percentiles"]]],
                   range(len(PERCENTILES))),
             "<p><small>Latents are recomputed teacher-forced over the completion (memgen.weaver_rounds); the "

@@ -103,6 +103,8 @@ def test_nearest_tokens_and_latents_equal_brute_force(tiny):
             want = naive_weave(mg, cur, r["t"] == 0)
         assert (lat - want).abs().max() <= 1e-4
         cur, start = torch.cat([cur, want]), P + r["t"]
+        pairs = [float(a @ b / (a.norm() * b.norm())) for q, a in enumerate(want) for b in want[q + 1:]]
+        assert r["spread"] == pytest.approx(sum(pairs) / len(pairs), abs=1e-5)
         for z, x in zip(lat.double(), r["latents"]):
             cos = (emb @ z) / (emb.norm(dim=1) * z.norm())  # every token, float64, fully sorted
             best = sorted(zip(cos.tolist(), range(len(emb))), reverse=True)[:5]
