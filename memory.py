@@ -33,7 +33,6 @@ import re
 import shutil
 import time
 from collections import Counter, namedtuple
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F

@@ -481,7 +481,7 @@ def test_build_memory_command_line(tiny, task_file, tmp_path, capsys):
 
     path, _, _ = tiny
     d = str(tmp_path / "awm")
-    args = [f"--kind=awm", f"--data={task_file}", f"--model={path}", f"--out_dir={d}", "--limit=3",
+    args = ["--kind=awm", f"--data={task_file}", f"--model={path}", f"--out_dir={d}", "--limit=3",
             "--max_new_tokens=4", "--induce_max_new_tokens=8", "--shown_tokens=16", "--dtype=float32",
             "--memory_source=self", "--attempts=2"]
     meta = build_memory.main(args)
