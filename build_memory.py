@@ -13,9 +13,15 @@ import os
 import sys
 import time
 
+import data
+import loading
+import memory
+import settings
+from model import pick_dtype
+
 # -----------------------------------------------------------------------------
 KIND = ""  # memorybank | expel | awm (required)
-DATA = "gsm8k"  # a task of the registry (gsm8k) or a .jsonl file with "question" and "answer" fields
+DATA = "gsm8k"  # the task (data.get_task) whose train split is remembered: gsm8k, or FORMAT:FILE.jsonl (qa|choice|fever)
 MODEL = ""  # the base model: a local Hugging Face folder or a hub id org/name (required); eval must use the same
 OUT_DIR = ""  # the memory directory to create or resume (required)
 LIMIT = 0  # use the first LIMIT training problems (0 = all)
@@ -33,71 +39,62 @@ BATCH_SIZE = 16  # prompts per generate call; texts per embedding batch
 CHUNK = 64  # problems per resumable part file
 SEED = 0  # seeds the attempts (chunk c, call j: SEED + 1000 c + j) and the grouping of successes
 DTYPE = "auto"  # auto | float32 | bfloat16 | float16
-DEVICE = "auto"  # auto | cpu | cuda | cuda:N
+DEVICE = "auto"  # auto (cuda when a GPU is visible) | cpu | cuda | cuda:N
+PROGRESS = True  # show progress bars
 # -----------------------------------------------------------------------------
 _PROG = "build_memory.py"
 
 
 def check(cfg, given):
-    import memory
-    from settings import SettingsError, at_least, one_of
-
+    """The settings, each checked with one line naming it (before anything is loaded)."""
     if not cfg["kind"]:
-        raise SettingsError(f"--kind is required: {', '.join(memory.KINDS)}")
-    one_of(cfg, "kind", memory.KINDS)
+        raise settings.SettingsError(f"--kind is required: {', '.join(memory.KINDS)}")
+    settings.one_of(cfg, "kind", memory.KINDS)
     for key in ("model", "out_dir"):
         if not cfg[key]:
-            raise SettingsError(f"--{key} is required; see --help")
-    one_of(cfg, "memory_source", ("gold", "self"))
+            raise settings.SettingsError(f"--{key} is required; see --help")
+    settings.one_of(cfg, "memory_source", ("gold", "self"))
     if cfg["kind"] == "expel" and "memory_source" in given:
-        raise SettingsError("--memory_source does not apply to expel: ExpeL learns from the model's own attempts")
-    at_least(cfg, 0, "limit", "success_group")
-    at_least(cfg, 1, "attempts", "max_new_tokens", "induce_max_new_tokens", "shown_tokens", "max_rules",
-             "workflow_group", "batch_size", "chunk")
+        raise settings.SettingsError("--memory_source does not apply to expel: ExpeL learns from the model's own "
+                                     "attempts")
+    settings.at_least(cfg, 0, "limit", "success_group")
+    settings.at_least(cfg, 1, "attempts", "max_new_tokens", "induce_max_new_tokens", "shown_tokens", "max_rules",
+                      "workflow_group", "batch_size", "chunk")
     if cfg["kind"] == "expel" and cfg["attempts"] < 2:
-        raise SettingsError("--attempts must be >= 2 for expel: it compares a failure with a success of one problem")
+        raise settings.SettingsError("--attempts must be >= 2 for expel: it compares a failure with a success of "
+                                     "one problem")
     if cfg["success_group"] == 1:
-        raise SettingsError("--success_group must be 0 (off) or >= 2: a critique of successes compares several")
+        raise settings.SettingsError("--success_group must be 0 (off) or >= 2: a critique of successes compares "
+                                     "several")
     if cfg["temperature"] < 0 or not 0 < cfg["top_p"] <= 1:
-        raise SettingsError("--temperature must be >= 0 and --top_p in (0, 1]")
+        raise settings.SettingsError("--temperature must be >= 0 and --top_p in (0, 1]")
 
 
 def main(argv=None):
-    import settings
-
-    try:
-        cfg, given = settings.parse(sys.argv[1:] if argv is None else list(argv), globals(), _PROG)
-        check(cfg, given)
-    except settings.SettingsError as e:
-        settings.die(_PROG, str(e))
-    import memory
-    from data import get_task
-    from data.download import DownloadError, resolve_model
-    from model import ModelError, load_model, pick_device, pick_dtype
-    from tokenizer import load_tokenizer
-
-    t0 = time.time()
-    try:
-        # the settings that name what the directory holds: the model by absolute path (./m and /abs/m are one),
-        # the dtype resolved; an existing directory must match them before anything is loaded
-        cfg["dtype"] = str(pick_dtype(cfg["dtype"], pick_device(cfg["device"]))).replace("torch.", "")
-        if os.path.isdir(cfg["model"]):
-            cfg["model"] = os.path.abspath(cfg["model"])
-        memory.check_dir(cfg["out_dir"], cfg)
-        folder = resolve_model(cfg["model"])
-        task = get_task(cfg["data"])
-        rows = task.load("train")
-        if cfg["limit"]:
-            rows = rows[:cfg["limit"]]
-        if not rows:
-            raise memory.MemError(f"task {cfg['data']} has no training problems")
-        model = load_model(folder, dtype=cfg["dtype"], device=cfg["device"])
-        tok = load_tokenizer(folder)
-        print(f"{_PROG}: {cfg['kind']} from {len(rows)} {getattr(task, 'NAME', cfg['data'])} training problems, model "
-              f"{cfg['model']} ({model.dtype} on {model.device}) -> {cfg['out_dir']}", file=sys.stderr)
-        meta = memory.build(cfg["out_dir"], task, rows, model, tok, cfg)
-    except (memory.MemError, ModelError, DownloadError, ValueError, OSError) as e:
-        settings.die(_PROG, str(e))
+    """Build (or resume) the memory directory; returns its meta."""
+    with loading.one_line_errors(_PROG):
+        try:
+            cfg, given = settings.parse(sys.argv[1:] if argv is None else list(argv), globals(), _PROG)
+            check(cfg, given)
+            t0 = time.time()
+            # what names the directory's content: the model by absolute path (./m and /abs/m are one), the dtype
+            # resolved; an existing directory must match before anything is loaded
+            device = loading.resolve_device(cfg["device"])
+            cfg["dtype"] = str(pick_dtype(cfg["dtype"], device)).replace("torch.", "")
+            if os.path.isdir(cfg["model"]):
+                cfg["model"] = os.path.abspath(cfg["model"])
+            memory.check_dir(cfg["out_dir"], cfg)
+            task = data.get_task(cfg["data"])
+            rows = task.load("train")
+            rows = rows[:cfg["limit"]] if cfg["limit"] else rows
+            if not rows:
+                raise memory.MemError(f"task {cfg['data']} has no training problems")
+            model, tok = loading.load_base(cfg["model"], cfg["dtype"], device)
+            print(f"{_PROG}: {cfg['kind']} from {len(rows)} {task.NAME} training problems, model {cfg['model']} "
+                  f"({model.dtype} on {model.device}) -> {cfg['out_dir']}", file=sys.stderr)
+            meta = memory.build(cfg["out_dir"], task, rows, model, tok, cfg, progress=cfg["progress"])
+        except memory.MemError as e:
+            settings.die(_PROG, str(e))
     counts = ", ".join(f"{k} {v}" for k, v in meta.get("counts", {}).items())
     print(f"{_PROG}: {cfg['out_dir']} complete ({counts}) in {time.time() - t0:.1f} s", file=sys.stderr)
     return meta
