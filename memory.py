@@ -61,8 +61,12 @@ class MemError(ValueError):
 
 
 def query_text(task, row):
-    """What a problem is retrieved and stored by: its question, else the text of its user message."""
+    """What a problem is stored, shown and retrieved by: its question (with its lettered options when it has
+    choices), else the text of its user message (e.g. a claim and its evidence)."""
     if isinstance(row.get("question"), str):
+        choices = row.get("choices")
+        if isinstance(choices, list):
+            return row["question"] + "".join(f"\n{chr(65 + i)}. {c}" for i, c in enumerate(choices))
         return row["question"]
     return "\n".join(m["content"] for m in task.messages(row) if m["role"] == "user")
 

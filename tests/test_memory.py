@@ -117,6 +117,13 @@ def files(d):
 # retrieval and embeddings
 
 
+def test_query_text_of_each_kind_of_row():
+    task = types.SimpleNamespace(messages=lambda r: [{"role": "user", "content": f"Claim: {r['claim']}\nVerify."}])
+    assert memory.query_text(task, {"question": "What is 1 plus 2?"}) == "What is 1 plus 2?"
+    assert memory.query_text(task, {"question": "Capital?", "choices": ["Rome", "Paris"]}) == "Capital?\nA. Rome\nB. Paris"
+    assert memory.query_text(task, {"claim": "The sky is green."}) == "Claim: The sky is green.\nVerify."
+
+
 def test_nearest_on_a_hand_built_store():
     emb = torch.nn.functional.normalize(torch.tensor([[1.0, 0, 0], [0.8, 0.6, 0], [0, 1, 0], [0, 0, 1],
                                                       [0.8, 0.6, 0]]), dim=-1)
