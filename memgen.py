@@ -36,6 +36,15 @@ DELIMITERS = (",", ".", "\n")  # an insertion point follows a token whose text e
 TRIGGER_MODES = ("always", "learned", "random", "off")
 TRIGGER_MODE = "always"  # the official default: insert at every allowed point
 TRIGGER_THRESHOLD = 0.5  # "learned" without sampling inserts when p(insert) >= this
+# "official": every token ending in a delimiter is a boundary, also inside numbers ("3.5", "1,000"), as the official
+# code does. "sentence": a "." or "," between two digits is not a boundary (decoding looks one token ahead).
+BOUNDARIES = ("official", "sentence")
+BOUNDARY = "official"
+# "paper": the weaver->reasoner map starts as nn.Linear does (the first latents are several times larger than token
+# embeddings). "embedding": the map is rescaled at the start so the first latents have the median norm of the
+# reasoner's token embeddings.
+LATENT_INITS = ("paper", "embedding")
+LATENT_INIT = "paper"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -46,11 +55,13 @@ class MemGen(nn.Module):
     """The trainable parts of MemGen around one base model. The base is frozen; LoRA adapters live inside it."""
 
     def __init__(self, model, tokenizer, k=K, n=N, mode=TRIGGER_MODE, rank=lora.RANK, alpha=lora.ALPHA,
-                 dropout=lora.DROPOUT, targets=lora.TARGETS):
+                 dropout=lora.DROPOUT, targets=lora.TARGETS, boundary=BOUNDARY, latent_init=LATENT_INIT):
         super().__init__()
-        if mode not in TRIGGER_MODES:
-            raise ModelError(f"unknown trigger mode {mode!r}: use one of {', '.join(TRIGGER_MODES)}")
-        self.model, self.k, self.n, self.mode = model, k, n, mode
+        for name, value, options in (("trigger mode", mode, TRIGGER_MODES), ("boundary", boundary, BOUNDARIES),
+                                     ("latent init", latent_init, LATENT_INITS)):
+            if value not in options:
+                raise ModelError(f"unknown {name} {value!r}: use one of {', '.join(options)}")
+        self.model, self.k, self.n, self.mode, self.boundary = model, k, n, mode, boundary
         if "weaver" not in getattr(model, "lora_meta", {}):
             lora.inject(model, ["weaver", "trigger"], targets, rank, alpha, dropout)
         D, dev = model.cfg.hidden_size, model.device
@@ -69,7 +80,10 @@ class MemGen(nn.Module):
         self.trigger = nn.Module()
         self.trigger.head = nn.Linear(D, 2, device=dev)
         self.vocab = min(tokenizer.vocab_size, model.cfg.vocab_size)  # padding rows of the head are never sampled
-        self.register_buffer("is_delim", delimiter_table(tokenizer, model.cfg.vocab_size).to(dev), persistent=False)
+        for name, table in token_tables(tokenizer, model.cfg.vocab_size).items():
+            self.register_buffer(name, table.to(dev), persistent=False)
+        if latent_init == "embedding":
+            self.match_embedding_scale()
 
     def trainable(self, part):
         """{name: parameter} of one part: "weaver" (LoRA + queries, norms, scales, maps) or "trigger"."""
@@ -86,19 +100,53 @@ class MemGen(nn.Module):
         i = w.inference_ln(w.inference_queries) * w.inference_scale
         return torch.where(is_prompt[:, None, None], p, i)
 
+    @torch.no_grad()
+    def match_embedding_scale(self):
+        """latent_init "embedding": scale weaver_to_reasoner so the latents the weaver makes from its queries alone
+        have the median norm of the reasoner's token embeddings (a probe of both insertion types)."""
+        model, k = self.model, self.k
+        cache = KVCache(model.cfg, 2, device=model.device, dtype=model.dtype)
+        probe = torch.zeros(2, 0, model.cfg.hidden_size, dtype=model.dtype, device=model.device)
+        lat = weave(self, cache, probe, torch.zeros(2, 0, dtype=torch.bool, device=model.device),
+                    torch.tensor([True, False], device=model.device))
+        target = model.model.embed_tokens.weight[:self.vocab].float().norm(dim=-1).median()
+        c = target / lat.float().norm(dim=-1).mean()
+        self.weaver.weaver_to_reasoner.weight.mul_(c)
+        self.weaver.weaver_to_reasoner.bias.mul_(c)
 
-def delimiter_table(tokenizer, vocab_size):
-    """(V,) bool: does token v's text end with a delimiter? Computed once, so decoding does no string work."""
+
+def token_tables(tokenizer, vocab_size):
+    """
+    (V,) bool tables over the vocabulary, computed once so decoding does no string work:
+      is_delim        the token's text ends with a delimiter (an insertion point follows it)
+      punct_in_number the text ends with "." or "," right after a digit ("3." "1,")
+      just_punct      the text is "." or "," alone (then the digit would end the token before it)
+      ends_digit, starts_digit
+    The "sentence" boundary rule uses the last four (see inside_number).
+    """
     ends = tuple(d.encode() for d in DELIMITERS)
-    table = torch.zeros(vocab_size, dtype=torch.bool)
+    names = ("is_delim", "punct_in_number", "just_punct", "ends_digit", "starts_digit")
+    tables = {name: torch.zeros(vocab_size, dtype=torch.bool) for name in names}
     special = set(tokenizer.special_ids)
     for v in range(min(vocab_size, tokenizer.vocab_size)):
-        if v not in special:
-            try:
-                table[v] = tokenizer.token_bytes(v).endswith(ends)
-            except ValueError:  # an id the vocabulary does not use
-                pass
-    return table
+        if v in special:
+            continue
+        try:
+            b = tokenizer.token_bytes(v)
+        except ValueError:  # an id the vocabulary does not use
+            continue
+        tables["is_delim"][v] = b.endswith(ends)
+        tables["punct_in_number"][v] = len(b) > 1 and b[-1:] in (b".", b",") and b[-2:-1].isdigit()
+        tables["just_punct"][v] = b in (b".", b",")
+        tables["ends_digit"][v] = b[-1:].isdigit()
+        tables["starts_digit"][v] = b[:1].isdigit()
+    return tables
+
+
+def maybe_in_number(mg, prev, tok):
+    """(B,) bool: token `tok` (after `prev`) ends with "." or "," right after a digit: under the "sentence" rule it
+    is a boundary only if the next token does not start with a digit."""
+    return mg.punct_in_number[tok] | (mg.just_punct[tok] & mg.ends_digit[prev])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -165,6 +213,8 @@ class Rows:
     pending: torch.Tensor  # (B, K, D) each row's last latents, which its weaver has not read yet
     has_pending: torch.Tensor  # (B,)
     g_hidden: torch.Tensor  # (B, D) or None: the trigger's state at the end of the prompt
+    prev_tok: torch.Tensor  # (B,) the token before the last sampled one (boundary rule "sentence")
+    deferred: torch.Tensor  # (B,) the last token may end a number: decide at the next token (rule "sentence")
     insertions: list  # per row: completion indices where latents went in
     decisions: list  # per row: (completion index, p(insert), 0/1) wherever the trigger was asked
 
@@ -227,11 +277,12 @@ def feed(mg, st, caches, rows, lat, t):
 
 
 def insert(mg, st, caches, cand, t, mode, gen, trigger_sample):
-    """(a)-(c) for the candidate rows (a bool mask) at completion index t."""
+    """(a)-(c) for the candidate rows (a bool mask) at completion index t; returns the rows that inserted."""
     rows = cand.nonzero().squeeze(1)
     rows = rows[decide(mg, st, caches, rows, t, mode, gen, trigger_sample)]
     if len(rows):
         feed(mg, st, caches, rows, weave_rows(mg, st, caches, rows, t), t)
+    return rows
 
 
 def prefill(mg, ids, pmask, max_new_tokens, mode):
@@ -283,7 +334,7 @@ def generate(mg, tokenizer, prompts, max_new_tokens=256, temperature=0.0, top_p=
               logps=torch.zeros(B, max_new_tokens, device=dev), next_logits=next_logits,
               done=zeros(torch.bool), n_ins=zeros(), w_seen=zeros(), g_seen=zeros(),
               pending=torch.zeros(B, k, model.cfg.hidden_size, dtype=model.dtype, device=dev),
-              has_pending=zeros(torch.bool), g_hidden=g_hidden,
+              has_pending=zeros(torch.bool), g_hidden=g_hidden, prev_tok=ids[:, -1], deferred=zeros(torch.bool),
               insertions=[[] for _ in range(B)], decisions=[[] for _ in range(B)])
 
     if mode != "off":  # the end of the prompt is always a candidate
@@ -291,6 +342,13 @@ def generate(mg, tokenizer, prompts, max_new_tokens=256, temperature=0.0, top_p=
     for t in range(max_new_tokens):
         # (d) SAMPLE: from the logits after each row's last slot, so never from a latent
         tok = sample(st.next_logits, temperature, top_p, gen)
+        if bool(st.deferred.any()):  # rule "sentence": the boundary before tok holds unless tok continues a number
+            rows = insert(mg, st, caches, st.deferred & ~mg.starts_digit[tok], t, mode, gen, trigger_sample)
+            if len(rows):  # tok was sampled before the latents: take it back, sample again after them, among
+                # tokens that do not continue the number (the sentence ended here, as training will read it)
+                no_digit = st.next_logits[rows].masked_fill(mg.starts_digit[:mg.vocab], float("-inf"))
+                tok[rows] = sample(no_digit, temperature, top_p, gen)
+            st.deferred[:] = False
         tok = torch.where(st.done, tokenizer.pad_id, tok)
         st.logps[:, t] = torch.log_softmax(st.next_logits, -1).gather(1, tok[:, None]).squeeze(1)
         st.out[:, t] = tok
@@ -301,6 +359,10 @@ def generate(mg, tokenizer, prompts, max_new_tokens=256, temperature=0.0, top_p=
         st.next_logits = logits[:, -1, :mg.vocab].float()
         if mode != "off":  # a sentence boundary in a row with insertions left: (a)-(c) before token t+1
             cand = mg.is_delim[tok] & ~st.done & (st.n_ins < mg.n)
+            if mg.boundary == "sentence":
+                st.deferred = cand & maybe_in_number(mg, st.prev_tok, tok)
+                cand &= ~st.deferred
+            st.prev_tok = tok
             if bool(cand.any()):
                 insert(mg, st, caches, cand, t + 1, mode, gen, trigger_sample)
     return finish_rows(st, tokenizer)
@@ -326,7 +388,8 @@ def finish_rows(st, tokenizer):
 def insertion_points(mg, ids, mask, prompt_len, n=None):
     """
     The training insertion points (mode "always"): before the first completion token, and after each of the first
-    n completion tokens that end with a delimiter and are followed by another token. Returns (B, n+1) token
+    n completion tokens that end with a delimiter and are followed by another token (under the "sentence" rule, not
+    one that continues a number). Returns (B, n+1) token
     indices, sorted, -1 where a row has fewer points. Latents are inserted *before* the token at each index.
     """
     n = mg.n if n is None else n
@@ -335,6 +398,9 @@ def insertion_points(mg, ids, mask, prompt_len, n=None):
     after = torch.zeros_like(mask)
     # point i is allowed when token i-1 is a delimiter inside the completion and token i exists
     after[:, 1:] = mg.is_delim[ids[:, :-1]] & (t[None, :-1] >= prompt_len[:, None]) & mask[:, 1:]
+    if mg.boundary == "sentence":  # not inside a number: "3.5", "1,000"
+        in_number = maybe_in_number(mg, ids[:, :-2], ids[:, 1:-1]) & mg.starts_digit[ids[:, 2:]]
+        after[:, 2:] &= ~in_number
     rank = after.long().cumsum(1)
     after &= rank <= n
     points = torch.full((B, n + 1), -1, dtype=torch.long, device=ids.device)

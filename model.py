@@ -202,9 +202,10 @@ class KVCache:
         """Write this call's keys/values of one layer; return all keys/values the call attends to (class docstring)."""
         end = self.end_slot
         if self.max_len is None:
-            self.k[layer] = torch.cat([self.k[layer], k], 2)
-            self.v[layer] = torch.cat([self.v[layer], v], 2)
-            return self.k[layer], self.v[layer]
+            if self.k[layer].shape[2]:  # an empty cache (an uncached forward) takes k, v as they are: no copy
+                k, v = torch.cat([self.k[layer], k], 2), torch.cat([self.v[layer], v], 2)
+            self.k[layer], self.v[layer] = k, v
+            return k, v
         K, V = self.k[layer], self.v[layer]
         if self.uniform:
             start = end - k.shape[2]

@@ -49,27 +49,48 @@ def naive_forward(mg, ids, prompt_len, points):
 
 
 def naive_generate(mg, tok, prompt, max_new_tokens):
-    """Greedy MemGen decoding that recomputes everything from scratch at every step (mode always)."""
+    """
+    Greedy MemGen decoding that recomputes everything from scratch at every step (mode always). Under the
+    "sentence" boundary rule a delimiter that may sit inside a number ("3." then "5") is settled by the next token:
+    it is chosen, and if it does not start with a digit it is dropped, the latents go in, and it is chosen again
+    among the tokens that do not start with a digit.
+    """
     model = mg.model
     seq = model.embed(torch.tensor(prompt))
-    toks, insertions, n_ins = [], [], 0
-    lat = naive_weave(mg, seq, True)
-    seq = torch.cat([seq, lat])
-    insertions.append(0)
-    for t in range(max_new_tokens):
+    toks, insertions = [], []
+
+    def next_token(digits=True):
         with lora.use(model, None):
             logits, _ = model(inputs_embeds=seq[None])
-        nxt = int(logits[0, -1].argmax())
+        logits = logits[0, -1, :mg.vocab]
+        return int(logits.argmax() if digits else torch.where(mg.starts_digit[:mg.vocab], -1e30, logits).argmax())
+
+    def insert(t):
+        nonlocal seq
+        seq = torch.cat([seq, naive_weave(mg, seq, t == 0)])
+        insertions.append(t)
+
+    insert(0)
+    prev, pending = prompt[-1], False
+    for t in range(max_new_tokens):
+        nxt = next_token()
+        if pending:
+            pending = False
+            if not bool(mg.starts_digit[nxt]):
+                insert(t)
+                nxt = next_token(digits=False)  # the sentence ended here: the token after it is no digit
         toks.append(nxt)
         if nxt in tok.eos_ids:
             break
         seq = torch.cat([seq, model.embed(torch.tensor([nxt]))])
-        if bool(mg.is_delim[nxt]) and n_ins < mg.n and t < max_new_tokens - 1:
-            seq = torch.cat([seq, naive_weave(mg, seq, False)])
-            insertions.append(t + 1)
-            n_ins += 1
+        if bool(mg.is_delim[nxt]) and len(insertions) - 1 < mg.n and t < max_new_tokens - 1:
+            in_number = bool(mg.punct_in_number[nxt]) or (bool(mg.just_punct[nxt]) and bool(mg.ends_digit[prev]))
+            if mg.boundary == "sentence" and in_number:
+                pending = True
+            else:
+                insert(t + 1)
+        prev = nxt
     return toks, insertions
-
 
 
 def left_pad_embeds(seqs):

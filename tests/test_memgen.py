@@ -1,6 +1,6 @@
 """
-MemGen core against naive references written here, mirroring the official code path: per example, the weaver
-re-run from scratch over each prefix, the reasoner run once (training) or from scratch every step (decoding).
+MemGen core against the naive references of reference.py, which mirror the official code path: per example, the
+weaver re-run from scratch over each prefix, the reasoner run once (training) or from scratch every step (decoding).
 """
 import pytest
 import torch
@@ -8,7 +8,7 @@ import torch
 import lora
 import memgen
 from reference import naive_forward, naive_generate
-from model import generate, load_model
+from model import KVCache, ModelError, generate, load_model
 from tokenizer import load_tokenizer
 
 K = 4  # small K keeps the tiny tests fast; the code path is the same for K = 8
@@ -166,3 +166,94 @@ def test_trainable_counts(tiny):
     lora_w = cfg.num_layers * (r * D + cfg.num_heads * cfg.head_dim * r + r * D + cfg.num_kv_heads * cfg.head_dim * r)
     weaver = lora_w + 2 * K * D + 2 * 2 * D + 2 + 2 * (D * D + D)
     assert mg.count() == {"weaver": weaver, "trigger": lora_w + 2 * D + 2}
+
+
+def test_token_tables_follow_the_token_texts(tiny):
+    mg, tok = make(tiny)
+    texts = {v: tok.token_bytes(v) for v in range(mg.vocab) if v not in tok.special_ids}
+    for name, want in [("is_delim", lambda b: b.decode("latin-1")[-1:] in memgen.DELIMITERS),
+                       ("punct_in_number", lambda b: len(b) > 1 and chr(b[-1]) in ".," and chr(b[-2]) in "0123456789"),
+                       ("just_punct", lambda b: b in (b".", b",")),
+                       ("starts_digit", lambda b: b[:1] != b"" and chr(b[0]) in "0123456789"),
+                       ("ends_digit", lambda b: b[-1:] != b"" and chr(b[-1]) in "0123456789")]:
+        table = getattr(mg, name)
+        assert [bool(table[v]) for v in texts] == [want(b) for b in texts.values()], name
+    assert mg.just_punct.sum() == 2 and mg.starts_digit.sum() >= 10
+    # the tiny vocabulary splits digits from punctuation; a hand-made one has every case
+    vocab = [b"3.", b"1,", b".", b",", b"a.", b"7", b"5x", b" 5", b"\n", b"<s>"]
+    fake = type("Tok", (), dict(special_ids=[9], vocab_size=10, token_bytes=lambda self, v: vocab[v]))()
+    t = {k: v.nonzero().squeeze(1).tolist() for k, v in memgen.token_tables(fake, 12).items()}
+    assert t == {"is_delim": [0, 1, 2, 3, 4, 8], "punct_in_number": [0, 1], "just_punct": [2, 3], "ends_digit": [5, 7],
+                 "starts_digit": [0, 1, 5, 6]}
+
+
+def _boundary_tables(mg):
+    """Rig the tables so a random tiny model meets many delimiters, many of them possibly inside numbers."""
+    g = torch.Generator().manual_seed(7)
+    for name, p in (("is_delim", 0.3), ("punct_in_number", 0.5), ("just_punct", 0.2), ("ends_digit", 0.5),
+                    ("starts_digit", 0.5)):
+        getattr(mg, name).copy_(torch.rand(mg.is_delim.shape, generator=g) < p)
+    mg.punct_in_number &= mg.is_delim
+    mg.just_punct &= mg.is_delim & ~mg.punct_in_number
+
+
+@pytest.mark.parametrize("boundary", ["official", "sentence"])
+def test_greedy_decode_equals_naive_under_each_boundary_rule(tiny, boundary):
+    mg, tok = make(tiny, n=4)
+    mg.boundary = boundary
+    _boundary_tables(mg)
+    prompts = [tok.chat([{"role": "user", "content": q}]) for q in ["What is 2+3?", "Say: a, b. c", "x", "1.5, 2"]]
+    res = memgen.generate(mg, tok, prompts, max_new_tokens=40)
+    deferred = 0
+    for p, r in zip(prompts, res):
+        with torch.no_grad():
+            toks, ins = naive_generate(mg, tok, p, 40)
+        assert r["ids"] == toks and r["insertions"] == ins
+        # the rule decided something: a delimiter that may end a number, followed or not by a digit
+        prev = [p[-1]] + r["ids"][:-1]
+        deferred += sum(bool(mg.is_delim[x]) and (bool(mg.punct_in_number[x]) or bool(mg.just_punct[x])
+                        and bool(mg.ends_digit[q])) for q, x in zip(prev, r["ids"]))
+    assert deferred >= 3
+
+
+@pytest.mark.parametrize("boundary", ["official", "sentence"])
+def test_training_points_are_the_points_decoding_used(tiny, boundary):
+    """Training and decoding apply the same boundary rule: insertion_points over a decoded completion = the
+    insertions decoding made (mode always, while N is not used up)."""
+    mg, tok = make(tiny, n=40)
+    mg.boundary = boundary
+    _boundary_tables(mg)
+    prompts = [tok.chat([{"role": "user", "content": q}]) for q in ["What is 2+3?", "Say: a, b. c", "1.5, 2"]]
+    res = memgen.generate(mg, tok, prompts, max_new_tokens=30, temperature=1.0, seed=1)
+    ids, mask, plen = memgen.right_pad(prompts, [r["ids"] for r in res], tok.pad_id, "cpu")
+    points = memgen.insertion_points(mg, ids, mask, plen)
+    for b, r in enumerate(res):
+        got = [int(x) - len(prompts[b]) for x in points[b] if x >= 0]
+        want = [i for i in r["insertions"] if i < len(r["ids"])]  # a point after the last token has no token
+        assert got == want
+    if boundary == "sentence":
+        mg.boundary = "official"
+        assert not torch.equal(points, memgen.insertion_points(mg, ids, mask, plen))  # the rule changed something
+
+
+def test_embedding_init_gives_latents_the_scale_of_token_embeddings(tiny):
+    path, _ = tiny("qwen2", False)
+    model, tok = load_model(path, dtype="float32"), load_tokenizer(path)
+    torch.manual_seed(0)
+    paper = memgen.MemGen(model, tok, k=K)
+    torch.manual_seed(0)
+    small = memgen.MemGen(model, tok, k=K, latent_init="embedding")
+    target = model.model.embed_tokens.weight[:small.vocab].norm(dim=-1).median()
+    res = memgen.generate(small, tok, [tok.chat([{"role": "user", "content": "Hi"}])], max_new_tokens=2)
+    assert res[0]["insertions"][0] == 0
+    # the probe both inits share: the queries alone
+    norms = {}
+    for name, m in (("paper", paper), ("embedding", small)):
+        cache = KVCache(model.cfg, 2, device="cpu", dtype=model.dtype)
+        lat = memgen.weave(m, cache, torch.zeros(2, 0, model.cfg.hidden_size), torch.zeros(2, 0, dtype=torch.bool),
+                           torch.tensor([True, False]))
+        norms[name] = lat.norm(dim=-1).mean()
+    assert abs(norms["embedding"] / target - 1) < 1e-4
+    assert abs(norms["paper"] / target - 1) > 0.1  # the paper's init is not already at that scale
+    with pytest.raises(ModelError, match="unknown boundary 'words'"):
+        memgen.MemGen(model, tok, boundary="words")
