@@ -83,7 +83,10 @@ def main(argv=None):
             cfg["dtype"] = str(pick_dtype(cfg["dtype"], device)).replace("torch.", "")
             if os.path.isdir(cfg["model"]):
                 cfg["model"] = os.path.abspath(cfg["model"])
-            memory.check_dir(cfg["out_dir"], cfg)
+            done = memory.check_dir(cfg["out_dir"], cfg)
+            if done and done.get("complete"):
+                print(f"{_PROG}: {cfg['out_dir']} is already complete; nothing to do", file=sys.stderr)
+                return done
             task = data.get_task(cfg["data"])
             rows = task.load("train")
             rows = rows[:cfg["limit"]] if cfg["limit"] else rows

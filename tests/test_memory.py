@@ -494,6 +494,7 @@ def test_build_memory_command_line(tiny, task_file, tmp_path, capsys):
     meta = build_memory.main(args)
     capsys.readouterr()
     assert meta["complete"] and meta["counts"]["problems"] == 3
+    assert build_memory.main(args) == meta and "already complete" in capsys.readouterr().err  # nothing loaded
     assert memory.read_json(os.path.join(d, "meta.json"))["settings"]["model"] == os.path.abspath(path)
 
     def error(argv):
