@@ -350,7 +350,8 @@ def glance_html(rec):
     for r in rec["insertions"]:
         norms = [x["norm"] for x in r["latents"]]
         best = max((x["nearest"][0] for x in r["latents"]), key=lambda n: n[2])
-        rows.append([f'<a href="#ins-{r["j"]}">{_DIAMOND}{r["j"]}</a>', str(r["t"]), tok_span(r["after"]),
+        rows.append([f'<a href="#ins-{r["j"]}">{_DIAMOND}{r["j"]}</a>', str(r["t"]),
+                     tok_span(r["after"]) if r["t"] else "end of the prompt",
                      f"{sum(norms) / len(norms):.3f}", f"{r['spread']:.2f}", tok_span(best[0], best[2]),
                      f"{r['kl']:.4f}", f"{tok_span(r['next'][0])} {prob(r['next'][2])} / {prob(r['next'][3])}"])
     head = ["insertion", "before token", "after", "mean latent norm", "latents' mean cosine", "most similar token",
