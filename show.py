@@ -46,6 +46,8 @@ TEMPERATURE = 0.0  # 0 = greedy
 SEED = 0  # sampling and the random trigger (problem i decodes with SEED + i), and the random weaver
 K = 8  # latents per insertion when there is no ADAPTER (an adapter brings its own K and N)
 N = 3  # at most N inference insertions per completion, when there is no ADAPTER
+BOUNDARY = "official"  # official: after every "," "." "\n" | sentence: not inside numbers (memgen.BOUNDARIES)
+LATENT_INIT = "paper"  # the random weaver's latent scale, without ADAPTER: paper | embedding (memgen.LATENT_INITS)
 TOP_TOKENS = 5  # nearest tokens per latent, and tokens shown per next-token distribution
 DTYPE = "auto"  # auto | float32 | bfloat16 | float16
 DEVICE = "auto"  # auto | cpu | cuda | cuda:N
@@ -139,27 +141,40 @@ def top_list(tok, logp, top):
 # 3. One problem: decode, replay, collect every number on its page
 
 
-def boundaries(mg, comp, insertions, decisions, trig_p, prompt_len):
+def is_boundary(mg, prev, tok, nxt):
+    """Does an insertion point follow token `tok` (after `prev`, before `nxt`)? Its text ends with a delimiter and,
+    under mg.boundary "sentence", it is not a "." or "," inside a number (memgen.maybe_in_number, then a digit)."""
+    if not bool(mg.is_delim[tok]):
+        return False
+    if getattr(mg, "boundary", "official") == "sentence":
+        inside = memgen.maybe_in_number(mg, torch.tensor(prev), torch.tensor(tok))
+        return not (bool(inside) and bool(mg.starts_digit[nxt]))
+    return True
+
+
+def boundaries(mg, prompt, comp, insertions, decisions, trig_p):
     """The points where the trigger could be asked: the end of the prompt (t = 0) and after every completion token
-    ending in a delimiter that is followed by another token. Each with the decision taken there: "insert", "skip"
-    (the trigger said no) or "N reached" (no insertions left), and the learned trigger's p(insert) (recorded while
-    decoding where it was asked, else read from one trigger pass over the whole sequence)."""
+    that ends a sentence (is_boundary) and is followed by another token. Each with the decision taken there:
+    "insert", "skip" (the trigger said no) or "N reached" (no insertions left), and the learned trigger's p(insert)
+    (recorded while decoding where it was asked, else read from one trigger pass over the whole sequence)."""
     asked = {t: p for t, p, _ in decisions}
+    seq, P = list(prompt) + list(comp), len(prompt)
     out, used = [], 0
     for t in range(len(comp)):
-        if t > 0 and not bool(mg.is_delim[comp[t - 1]]):
+        if t > 0 and not is_boundary(mg, seq[P + t - 2], seq[P + t - 1], seq[P + t]):
             continue
         candidate = t == 0 or used < mg.n
         inserted = t in insertions
         if inserted and not candidate:
             raise ShowError(f"insertion at token {t} after {mg.n} inference insertions: the record does not fit N")
         decision = "insert" if inserted else "skip" if candidate else "N reached"
-        p = asked.get(t, None if trig_p is None else float(trig_p[prompt_len + t - 1]))
+        p = asked.get(t, None if trig_p is None else float(trig_p[P + t - 1]))
         out.append({"t": t, "decision": decision, "p": p})
         used += inserted and t > 0
     stray = sorted(set(insertions) - {b["t"] for b in out})
     if stray:
-        raise ShowError(f"insertions at tokens {stray} follow no delimiter: the record does not fit this model")
+        raise ShowError(f"insertions at tokens {stray} follow no sentence boundary: the record does not fit this "
+                        "model or boundary rule")
     return out
 
 
@@ -195,7 +210,7 @@ def inspect(mg, tok, prompt, result, top=TOP_TOKENS, emb_norms=None):
             "next": [token_label(tok, chosen), chosen, float(lw[j, chosen].exp()), float(lo[j, chosen].exp())],
         })
     record = {"ids": comp, "text": result["text"], "insertions": records,
-              "boundaries": boundaries(mg, comp, ins, result.get("decisions", []), trig_p, P)}
+              "boundaries": boundaries(mg, prompt, comp, ins, result.get("decisions", []), trig_p)}
     return record, latents
 
 
@@ -519,7 +534,11 @@ def build_memgen(model, tok, cfg, given):
         if cfg["trigger_mode"] == "learned":
             raise ShowError("--trigger_mode=learned needs a trained trigger: pass --adapter with trigger.safetensors")
         torch.manual_seed(cfg["seed"])
-        return memgen.MemGen(model, tok, cfg["k"], cfg["n"], cfg["trigger_mode"]).eval(), {}
+        mg = memgen.MemGen(model, tok, cfg["k"], cfg["n"], cfg["trigger_mode"], boundary=cfg["boundary"],
+                           latent_init=cfg["latent_init"])
+        return mg.eval(), {}
+    if "latent_init" in given:
+        raise ShowError("--latent_init shapes a randomly initialised weaver; an --adapter brings its trained one")
     info = {"weaver": loading.adapter_info(folder, "weaver")}
     for key, default in (("k", memgen.K), ("n", memgen.N)):
         if key in given and cfg[key] != info["weaver"].get(key, default):
@@ -530,7 +549,9 @@ def build_memgen(model, tok, cfg, given):
     elif cfg["trigger_mode"] == "learned":
         raise ShowError(f"--trigger_mode=learned but {folder} holds no trigger.safetensors: train one with "
                         "train_trigger.py, or use --trigger_mode=always")
-    return loading.memgen_for(model, tok, folder, cfg["trigger_mode"], cfg["allow_other_base"]).eval(), info
+    mg = loading.memgen_for(model, tok, folder, cfg["trigger_mode"], cfg["allow_other_base"])
+    mg.boundary = cfg["boundary"]  # a decoding rule, not part of the saved adapter
+    return mg.eval(), info
 
 
 def command(cfg, index):
@@ -563,6 +584,8 @@ def describe(cfg, mg, adapter_info):
 
 def check(cfg):
     settings.one_of(cfg, "trigger_mode", MODES)
+    settings.one_of(cfg, "boundary", memgen.BOUNDARIES)
+    settings.one_of(cfg, "latent_init", memgen.LATENT_INITS)
     settings.at_least(cfg, 0, "index", "n", "seed")
     settings.at_least(cfg, 1, "limit", "max_new_tokens", "k", "top_tokens")
     settings.at_least(cfg, 0.0, "temperature")

@@ -64,9 +64,9 @@ class Checker(html.parser.HTMLParser):
         return self
 
 
-def make(tiny, mode="always", seed=0):
+def make(tiny, mode="always", seed=0, more_boundaries=True):
     """A MemGen on the tiny Qwen2 folder with random adapters, queries and heads (every part visibly matters), and
-    more sentence boundaries than a random model says on its own."""
+    (more_boundaries) more sentence boundaries than a random model says on its own."""
     path, _ = tiny("qwen2", False)
     model, tok = load_model(path, dtype="float32"), load_tokenizer(path)
     torch.manual_seed(seed)
@@ -78,7 +78,8 @@ def make(tiny, mode="always", seed=0):
                 p.copy_(0.1 * torch.randn(p.shape, generator=g))
         for p in list(mg.weaver.parameters()) + list(mg.trigger.parameters()):
             p.add_(0.1 * torch.randn(p.shape, generator=g))
-    mg.is_delim[::3] = True
+    if more_boundaries:
+        mg.is_delim[::3] = True
     return mg, tok
 
 
@@ -164,6 +165,28 @@ def test_learned_trigger_probabilities_at_every_boundary(tiny):
     assert {b["decision"] for b in bounds.values()} == {"insert", "skip", "N reached"}
     # no decision on a knife's edge
     assert all(0.04 < abs(prob - 0.5) for _, prob, _ in res["decisions"]), res["decisions"]
+
+
+@pytest.mark.parametrize("rule", ["official", "sentence"])
+def test_boundaries_follow_the_training_points_under_each_rule(tiny, rule):
+    mg, tok = make(tiny, more_boundaries=False)
+    mg.boundary = rule
+    prompt = tok.chat([{"role": "user", "content": "Sum?"}])
+    comp = tok.encode("It is 3.5, or 1,000. So 2. Then 7,\nend") + [tok.eos_ids[0]]
+    ids, mask, plen = memgen.right_pad([prompt], [comp], tok.pad_id, "cpu")
+    P = len(prompt)
+    for n in (2, 9):  # N cuts the points short, or lets every boundary insert
+        mg.n = n
+        points = memgen.insertion_points(mg, ids, mask, plen)[0]
+        ins = [int(p) - P for p in points if p >= 0]
+        rec, _ = show.inspect(mg, tok, prompt, {"ids": comp, "text": "", "insertions": ins, "decisions": []})
+        got = [b["t"] for b in rec["boundaries"]]
+        assert [b["t"] for b in rec["boundaries"] if b["decision"] == "insert"] == ins  # mode always: no skips
+        assert {b["decision"] for b in rec["boundaries"]} == ({"insert", "N reached"} if n == 2 else {"insert"})
+    in_number = [t for t in range(1, len(comp)) if tok.decode(comp[t - 1:t]).endswith((".", ","))
+                 and tok.decode(comp[t - 2:t - 1])[-1:].isdigit() and tok.decode(comp[t:t + 1])[:1].isdigit()]
+    assert len(in_number) == 2  # "3.|5" and "1,|000" (the tiny tokenizer splits digits)
+    assert set(in_number) <= set(got) if rule == "official" else not set(in_number) & set(got)
 
 
 HOSTILE = '<script>alert("x")</script></div><b>&amp; "quoted" \'single\' <!-- c --> end.'
