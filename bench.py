@@ -160,70 +160,86 @@ def main(argv=None):
                                          "--quick=true for a random model built in memory")
         torch.manual_seed(cfg["seed"])
         setup = quick_setup(cfg) if cfg["quick"] else model_setup(cfg)
-    model, tok, prompts, sft_examples = setup["model"], setup["tok"], setup["prompts"], setup["sft_examples"]
-    B, new_tokens = len(prompts), setup["new_tokens"]
+    model = setup["model"]
     print(f"# bench on {machine()}, dtype {str(model.dtype).replace('torch.', '')}, model {model.cfg.name} "
-          f"({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params), batch {B}, {new_tokens} new tokens")
-    rows_out, ratios = [], {}
-
-    # 1. vanilla decode
-    generate(model, tok, prompts[:1], max_new_tokens=4)  # warm-up
-    for bs in sorted({1, B}):
-        dt, _ = timed(lambda: generate(model, tok, prompts[:bs], max_new_tokens=new_tokens))
-        ours = bs * new_tokens / dt
-        report(rows_out, f"vanilla_tok_s_b{bs}", ours, "tok/s")
-        if not cfg["quick"]:
-            theirs = transformers_tok_s(setup["folder"], model, tok, prompts[:bs], new_tokens)
-            if theirs:
-                report(rows_out, f"transformers_tok_s_b{bs}", theirs, "tok/s")
-                ratios[f"ours_vs_transformers_b{bs}"] = ours / theirs
-    vanilla = B * new_tokens / timed(lambda: generate(model, tok, prompts, max_new_tokens=new_tokens))[0]
-
-    # 2. MemGen decode
-    mg = memgen.MemGen(model, tok).eval()
-    dt, res = timed(lambda: memgen.generate(mg, tok, prompts, max_new_tokens=new_tokens, mode="always"))
-    mem_tok_s = B * new_tokens / dt
-    ins = sum(len(r["insertions"]) for r in res) / B
-    report(rows_out, "memgen_tok_s", mem_tok_s, "tok/s", insertions_per_row=ins)
-    dt_naive, naive_out = timed(lambda: official_style_decode(mg, tok, prompts, new_tokens))
-    report(rows_out, "official_style_memgen_tok_s", B * new_tokens / dt_naive, "tok/s",
-           same_tokens=all(r["ids"] == o for r, o in zip(res, naive_out)))
-    ratios["memgen_vs_vanilla"] = mem_tok_s / vanilla
-    ratios["memgen_vs_naive"] = dt_naive / dt
-
-    # 3. weaver SFT step
-    seqs, plen = sft_examples
-    ids, mask, prompt_len = memgen.right_pad([s[:p] for s, p in zip(seqs, plen)], [s[p:] for s, p in zip(seqs, plen)],
-                                             tok.pad_id, model.device)
-    mg.eval()  # dropout off so both paths compute the same function
-    sft_step(mg, ids[:2], mask[:2], prompt_len[:2], naive=False)  # warm-up
-    dt_ours, loss_ours = timed(lambda: sft_step(mg, ids, mask, prompt_len, naive=False))
-    dt_ref, loss_ref = timed(lambda: sft_step(mg, ids, mask, prompt_len, naive=True))
-    report(rows_out, "sft_step_s", dt_ours, "s", loss=loss_ours, tokens=int(mask.sum()))
-    report(rows_out, "naive_sft_step_s", dt_ref, "s", loss=loss_ref)
-    ratios["train_vs_naive"] = dt_ref / dt_ours
-
-    # 4. memory
-    if cfg["quick"]:
-        base = sum(t.numel() * t.element_size() for t in model.parameters())
-        extra = sum(t.numel() * t.element_size() for part in ("weaver", "trigger") for t in mg.trainable(part).values())
-        ratios["memory_ratio"] = (base + extra) / base  # parameter bytes: an RSS probe needs a model folder
-    else:
-        ratios["memory_ratio"], detail = memory_probe(setup["folder"], str(model.dtype).replace("torch.", ""))
-        report(rows_out, "peak_rss_base_mb", detail["base"] / 2**20, "MiB")
-        report(rows_out, "peak_rss_memgen_mb", detail["memgen"] / 2**20, "MiB")
-        # the peak can be set by loading; the resident size after use shows what MemGen's parts add
-        report(rows_out, "rss_base_mb", detail["base_now"] / 2**20, "MiB")
-        report(rows_out, "rss_memgen_mb", detail["memgen_now"] / 2**20, "MiB",
-               ratio=detail["memgen_now"] / detail["base_now"])
-
+          f"({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params), batch {len(setup['prompts'])}, "
+          f"{setup['new_tokens']} new tokens")
+    rows, ratios = [], {}
+    vanilla = decode_figures(setup, rows, ratios)
+    mg = memgen_figures(setup, vanilla, rows, ratios)
+    sft_figures(mg, setup, rows, ratios)
+    memory_figures(mg, setup, rows, ratios)
     print("\n| figure | value | unit |\n| --- | --- | --- |")
-    for name, value, unit in rows_out:
+    for name, value, unit in rows:
         print(f"| {name} | {value:.4g} | {unit} |")
     for name, value in ratios.items():
         print(f"| {name} | {value:.3g} | ratio |")
     print(json.dumps({k: round(v, 3) for k, v in ratios.items()}))
     return ratios
+
+
+def decode_figures(setup, rows, ratios):
+    """1. Vanilla greedy decode tok/s at batch 1 and BATCH_SIZE, ours and (with a model folder) transformers'.
+    Returns ours at BATCH_SIZE."""
+    model, tok, prompts, new_tokens = setup["model"], setup["tok"], setup["prompts"], setup["new_tokens"]
+    generate(model, tok, prompts[:1], max_new_tokens=4)  # warm-up
+    for bs in sorted({1, len(prompts)}):
+        dt, _ = timed(lambda: generate(model, tok, prompts[:bs], max_new_tokens=new_tokens))
+        ours = bs * new_tokens / dt
+        report(rows, f"vanilla_tok_s_b{bs}", ours, "tok/s")
+        theirs = transformers_tok_s(setup["folder"], model, tok, prompts[:bs], new_tokens) if "folder" in setup \
+            else None
+        if theirs:
+            report(rows, f"transformers_tok_s_b{bs}", theirs, "tok/s")
+            ratios[f"ours_vs_transformers_b{bs}"] = ours / theirs
+    return len(prompts) * new_tokens / timed(lambda: generate(model, tok, prompts, max_new_tokens=new_tokens))[0]
+
+
+def memgen_figures(setup, vanilla, rows, ratios):
+    """2. MemGen decode (mode always): ours vs the official-style decode, and vs our vanilla decode."""
+    model, tok, prompts, new_tokens = setup["model"], setup["tok"], setup["prompts"], setup["new_tokens"]
+    B = len(prompts)
+    mg = memgen.MemGen(model, tok).eval()
+    dt, res = timed(lambda: memgen.generate(mg, tok, prompts, max_new_tokens=new_tokens, mode="always"))
+    mem_tok_s = B * new_tokens / dt
+    report(rows, "memgen_tok_s", mem_tok_s, "tok/s", insertions_per_row=sum(len(r["insertions"]) for r in res) / B)
+    dt_naive, naive_out = timed(lambda: official_style_decode(mg, tok, prompts, new_tokens))
+    report(rows, "official_style_memgen_tok_s", B * new_tokens / dt_naive, "tok/s",
+           same_tokens=all(r["ids"] == o for r, o in zip(res, naive_out)))
+    ratios["memgen_vs_vanilla"] = mem_tok_s / vanilla
+    ratios["memgen_vs_naive"] = dt_naive / dt
+    return mg
+
+
+def sft_figures(mg, setup, rows, ratios):
+    """3. One weaver SFT step (forward + backward), ours batched vs the per-example recompute reference."""
+    seqs, plen = setup["sft_examples"]
+    ids, mask, prompt_len = memgen.right_pad([s[:p] for s, p in zip(seqs, plen)], [s[p:] for s, p in zip(seqs, plen)],
+                                             setup["tok"].pad_id, mg.model.device)
+    mg.eval()  # dropout off so both paths compute the same function
+    sft_step(mg, ids[:2], mask[:2], prompt_len[:2], naive=False)  # warm-up
+    dt_ours, loss_ours = timed(lambda: sft_step(mg, ids, mask, prompt_len, naive=False))
+    dt_ref, loss_ref = timed(lambda: sft_step(mg, ids, mask, prompt_len, naive=True))
+    report(rows, "sft_step_s", dt_ours, "s", loss=loss_ours, tokens=int(mask.sum()))
+    report(rows, "naive_sft_step_s", dt_ref, "s", loss=loss_ref)
+    ratios["train_vs_naive"] = dt_ref / dt_ours
+
+
+def memory_figures(mg, setup, rows, ratios):
+    """4. Memory of MemGen relative to the base model: peak and resident RSS in a fresh process (model folder),
+    or parameter bytes (QUICK, no folder to load)."""
+    model = setup["model"]
+    if "folder" not in setup:
+        base = sum(t.numel() * t.element_size() for t in model.parameters())
+        extra = sum(t.numel() * t.element_size() for part in ("weaver", "trigger") for t in mg.trainable(part).values())
+        ratios["memory_ratio"] = (base + extra) / base
+        return
+    ratios["memory_ratio"], detail = memory_probe(setup["folder"], str(model.dtype).replace("torch.", ""))
+    report(rows, "peak_rss_base_mb", detail["base"] / 2**20, "MiB")
+    report(rows, "peak_rss_memgen_mb", detail["memgen"] / 2**20, "MiB")
+    # the peak can be set by loading; the resident size after use shows what MemGen's parts add
+    report(rows, "rss_base_mb", detail["base_now"] / 2**20, "MiB")
+    report(rows, "rss_memgen_mb", detail["memgen_now"] / 2**20, "MiB", ratio=detail["memgen_now"] / detail["base_now"])
 
 
 def quick_setup(cfg):

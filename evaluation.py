@@ -11,6 +11,7 @@ task's grader. A problem whose prompt does not fit the model's context is not ge
 with the reason, and counts as unsolved. With out_path, one row per problem is appended to a results.jsonl batch by
 batch; a killed run resumes where it stopped.
 """
+import contextlib
 import datetime
 import json
 import math
@@ -253,67 +254,82 @@ def evaluate(policy, tokenizer, task, rows, mode, samples=1, temperature=0.0, to
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
         raise EvalError(f"problem id {dup!r} appears twice in the task rows; ids must be unique to resume")
+    done = _done_rows(out_path, samples)
+    per_batch = max(1, batch_size // samples)  # problems per batch (one problem may need several calls)
+    pending = {}  # batch index -> positions of problems still to do, in order
+    for pos, i in enumerate(ids):
+        if i not in done:
+            pending.setdefault(pos // per_batch, []).append(pos)
+    todo, new_tokens, gen_s, t0 = sum(len(v) for v in pending.values()), 0, 0.0, time.time()
+    sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, trigger_mode=trigger_mode)
+    with _eval_mode(policy), tqdm(total=len(rows), initial=len(rows) - todo, desc=f"eval {mode}", unit="problem",
+                                  disable=not progress or None) as bar:
+        for b, positions in pending.items():
+            records, dt = _batch_records(gen_policy, tokenizer, task, [rows[p] for p in positions], mode, samples,
+                                         batch_size, seed + b, prompt_room(policy, mode), sampling)
+            gen_s += dt
+            new_tokens += sum(sum(rec.get("lengths", [])) for rec in records)
+            if out_path is not None:
+                append_results(out_path, records)
+            done.update((rec["id"], rec) for rec in records)
+            bar.update(len(positions))
+    summary = summarize([done[i] for i in ids], samples)
+    summary.update(wall_s=round(time.time() - t0, 3), generated_problems=todo, generated_tokens=new_tokens,
+                   tokens_per_s=round(new_tokens / gen_s, 2) if gen_s > 0 else None)
+    return summary
+
+
+def _done_rows(out_path, samples):
+    """{id: row} of the problems a results.jsonl already holds (none without one)."""
     done = {}
     for rec in read_results(out_path) if out_path is not None else []:
         if "correct" in rec and len(rec["correct"]) != samples:
             raise EvalError(f"{out_path} holds rows with {len(rec['correct'])} completions per problem, this run "
                             f"asks for {samples}: pick another --out_dir (or delete that file)")
         done[str(rec["id"])] = rec
-    per_batch = max(1, batch_size // samples)  # problems per batch (one problem may need several calls)
-    pending = {}  # batch index -> positions of problems still to do, in order
-    for pos, i in enumerate(ids):
-        if i not in done:
-            pending.setdefault(pos // per_batch, []).append(pos)
+    return done
 
+
+def _batch_records(policy, tokenizer, task, rows, mode, samples, batch_size, seed, room, sampling):
+    """One batch of problems generated (in calls of batch_size rows) and graded -> (their result rows, generation
+    seconds). A prompt over `room` tokens is not generated: its row says why it was skipped."""
+    prompts = [tokenizer.chat(task.messages(r)) for r in rows]
+    fits = [j for j, p in enumerate(prompts) if len(p) <= room]
+    flat = [prompts[j] for j in fits for _ in range(samples)]
+    outs, t0 = [], time.time()
+    for c, start in enumerate(range(0, len(flat), batch_size)):
+        outs += generate_batch(policy, tokenizer, mode, flat[start:start + batch_size],
+                               seed=seed + CALL_SEED_STRIDE * c, **sampling)
+    dt = time.time() - t0
+    graded = data.grade_all(task, [rows[j] for j in fits for _ in range(samples)], [t for _, t, _ in outs])
+    records = []
+    for j, row in enumerate(rows):
+        rec = {"id": str(row["id"]), **({"question": row["question"]} if "question" in row else {}),
+               "gold": row["answer"]}
+        if j not in fits:
+            rec["skipped"] = (f"the prompt has {len(prompts[j])} tokens, more than the {room} this model can read "
+                              f"here ({mode}); the problem counts as unsolved")
+        else:
+            at = fits.index(j) * samples
+            mine = outs[at:at + samples]
+            rec.update(completions=[t for _, t, _ in mine], correct=graded[at:at + samples],
+                       lengths=[len(s) for s, _, _ in mine])
+            if mode == "memgen":
+                rec["insertions"] = [ins for _, _, ins in mine]
+        records.append(rec)
+    return records, dt
+
+
+@contextlib.contextmanager
+def _eval_mode(policy):
+    """The policy in eval mode (no adapter dropout) inside the block, each module's mode restored after it."""
     training = {m: m.training for m in policy.modules()}
     policy.eval()
-    room, new_tokens, gen_s, t0 = prompt_room(policy, mode), 0, 0.0, time.time()
-    todo = sum(len(v) for v in pending.values())
-    bar = tqdm(total=len(rows), initial=len(rows) - todo, desc=f"eval {mode}", unit="problem",
-               disable=not progress or None)
     try:
-        for b, positions in pending.items():
-            prompts = [tokenizer.chat(task.messages(rows[p])) for p in positions]
-            fits = [j for j, pr in enumerate(prompts) if len(pr) <= room]
-            flat = [prompts[j] for j in fits for _ in range(samples)]
-            outs, t1 = [], time.time()
-            for c, start in enumerate(range(0, len(flat), batch_size)):
-                outs += generate_batch(gen_policy, tokenizer, mode, flat[start:start + batch_size], max_new_tokens,
-                                       temperature, top_p, seed + b + CALL_SEED_STRIDE * c, trigger_mode)
-            gen_s += time.time() - t1
-            graded = data.grade_all(task, [rows[positions[j]] for j in fits for _ in range(samples)],
-                                    [t for _, t, _ in outs])
-            records = []
-            for j, p in enumerate(positions):
-                rec = {"id": ids[p], **({"question": rows[p]["question"]} if "question" in rows[p] else {}),
-                       "gold": rows[p]["answer"]}
-                if j not in fits:
-                    rec["skipped"] = (f"the prompt has {len(prompts[j])} tokens, more than the {room} this model "
-                                      f"can read here ({mode}); the problem counts as unsolved")
-                else:
-                    at = fits.index(j) * samples
-                    mine = outs[at:at + samples]
-                    rec.update(completions=[t for _, t, _ in mine], correct=graded[at:at + samples],
-                               lengths=[len(s) for s, _, _ in mine])
-                    if hasattr(task, "extract"):
-                        rec["extracted"] = [task.extract(t) for _, t, _ in mine]
-                    if mode == "memgen":
-                        rec["insertions"] = [ins for _, _, ins in mine]
-                    new_tokens += sum(rec["lengths"])
-                records.append(rec)
-            if out_path is not None:
-                append_results(out_path, records)
-            for rec in records:
-                done[rec["id"]] = rec
-            bar.update(len(positions))
+        yield
     finally:
-        bar.close()
         for m, was in training.items():
             m.train(was)
-    summary = summarize([done[i] for i in ids], samples)
-    summary.update(wall_s=round(time.time() - t0, 3), generated_problems=todo, generated_tokens=new_tokens,
-                   tokens_per_s=round(new_tokens / gen_s, 2) if gen_s > 0 else None)
-    return summary
 
 
 def estimate_seconds(policy, tokenizer, task, rows, mode, batch_size, max_new_tokens, probe_tokens=4):
@@ -324,15 +340,10 @@ def estimate_seconds(policy, tokenizer, task, rows, mode, batch_size, max_new_to
     prompts = [p for p in (tokenizer.chat(task.messages(r)) for r in rows[:batch_size]) if len(p) <= room]
     if not prompts:
         return 0.0
-    training = {m: m.training for m in policy.modules()}
-    policy.eval()
-    try:
+    with _eval_mode(policy):
         t = time.time()
         generate_batch(gen_policy, tokenizer, mode, prompts, probe_tokens, trigger_mode=trigger_mode)
         per_token = (time.time() - t) / probe_tokens
-    finally:
-        for m, was in training.items():
-            m.train(was)
     return math.ceil(len(rows) / batch_size) * max_new_tokens * per_token
 
 

@@ -81,12 +81,12 @@ def load_base(model_name, dtype, device):
     return load_model(folder, dtype=dtype, device=device), load_tokenizer(folder)
 
 
-def check_lora_targets(model, targets):
+def check_lora_targets(model, layers):
     """--lora_targets must name Linear layers of this model (e.g. q_proj, v_proj)."""
     names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                    if isinstance(m, (torch.nn.Linear, lora.LoRALinear)) and "." in n})  # lm_head is no target
-    bad = [t for t in targets if t not in names]
-    if bad or not targets:
+                    if isinstance(m, (torch.nn.Linear, lora.LoRALinear)) and "." in n})  # not lm_head
+    bad = [t for t in layers if t not in names]
+    if bad or not layers:
         raise LoadError(f"--lora_targets: {', '.join(bad) or '(none)'} is not a Linear layer of this model; pick "
                         f"from {', '.join(names)}")
 

@@ -16,7 +16,7 @@ adapters, which `eval.py --adapter` reads) and final_eval.json.
 What is trained (the reasoner's own weights never change):
   sft, grpo            the weaver: its LoRA, the prompt/inference queries, their LayerNorms and scales, and the
                        reasoner->weaver and weaver->reasoner maps (memgen.MemGen.trainable("weaver"))
-  sft-lora, grpo-lora  one LoRA ("sft") on the reasoner itself, same targets and rank: the paper's SFT/GRPO rows
+  sft-lora, grpo-lora  one LoRA ("sft") on the reasoner itself, same layers and rank: the paper's SFT/GRPO rows
 """
 import torch
 import torch.nn.functional as F
@@ -107,15 +107,15 @@ def build_policy(run, is_mg):
     """run.policy (a MemGen, or the model with an "sft" LoRA) and run.params, its trainable tensors; the same seed
     in every process gives the same initial adapters. The reasoner is frozen."""
     cfg, model = run.cfg, run.model
-    targets = tuple(t.strip() for t in cfg["lora_targets"].split(",") if t.strip())
-    loading.check_lora_targets(model, targets)
+    layers = tuple(t.strip() for t in cfg["lora_targets"].split(",") if t.strip())
+    loading.check_lora_targets(model, layers)
     torch.manual_seed(cfg["seed"])
-    lora_shape = (cfg["lora_rank"], cfg["lora_alpha"], cfg["lora_dropout"], targets)
+    lora_shape = (cfg["lora_rank"], cfg["lora_alpha"], cfg["lora_dropout"], layers)
     if is_mg:
         run.policy = memgen.MemGen(model, run.tok, cfg["k"], cfg["n"], cfg["trigger_mode"], *lora_shape)
         params = run.policy.trainable("weaver")
     else:
-        lora.inject(model, ["sft"], targets, *lora_shape[:3])
+        lora.inject(model, ["sft"], layers, *lora_shape[:3])
         run.policy, params = model, lora.parameters(model, "sft")
     if cfg["adapter"] and not run.resume:
         loading.check_adapter(cfg["adapter"], "weaver" if is_mg else "sft", model, k=cfg["k"] if is_mg else None,

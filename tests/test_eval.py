@@ -40,9 +40,9 @@ def count_calls(monkeypatch):
     calls = []
     real = evaluation.generate_batch
 
-    def counting(policy, tokenizer, mode, prompts, *a):
+    def counting(policy, tokenizer, mode, prompts, *a, **kw):
         calls.append(len(prompts))
-        return real(policy, tokenizer, mode, prompts, *a)
+        return real(policy, tokenizer, mode, prompts, *a, **kw)
 
     monkeypatch.setattr(evaluation, "generate_batch", counting)
     return calls
