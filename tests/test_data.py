@@ -107,11 +107,11 @@ GRADER_CASES = [
 
 
 @pytest.mark.parametrize("completion,gold,expected", GRADER_CASES)
-def test_grader_table(completion, gold, expected):
+def test_grader_agrees_with_the_table_of_tricky_answers(completion, gold, expected):
     assert is_correct(completion, gold) is expected
 
 
-def test_grader_table_is_big():
+def test_grader_table_keeps_at_least_45_cases():
     assert len(GRADER_CASES) >= 45
 
 
@@ -128,7 +128,7 @@ def test_grader_table_is_big():
     (r"\boxed", None),
     (42, None),
 ])
-def test_extract_boxed(text, box):
+def test_extract_boxed_takes_the_first_balanced_box(text, box):
     assert extract_boxed(text) == box
 
 
@@ -146,7 +146,7 @@ def test_extract_boxed(text, box):
     (r"5\%", "5"),
     ("  7 \n", "7"),
 ])
-def test_normalize(raw, norm):
+def test_normalize_maps_equivalent_spellings_to_one_form(raw, norm):
     assert normalize(raw) == norm
 
 
@@ -181,7 +181,7 @@ def test_pass_at_k_matches_brute_force():
                 assert pass_at_k(n, c, k) == pytest.approx(expected, abs=1e-12), (n, c, k)
 
 
-def test_pass_at_k_edges():
+def test_pass_at_k_at_zero_all_and_certain_success():
     assert pass_at_k(10, 0, 5) == 0.0
     assert pass_at_k(10, 10, 1) == 1.0
     assert pass_at_k(10, 6, 5) == 1.0  # n - c < k
@@ -192,7 +192,7 @@ def test_pass_at_k_edges():
     (5, 6, 1, "0 <= c <= n"), (5, -1, 1, "0 <= c <= n"), (5, 2, 0, "1 <= k <= n"),
     (5, 2, 6, "1 <= k <= n"), (5.0, 2, 1, "n must be an integer"), (5, 2, True, "k must be an integer"),
 ])
-def test_pass_at_k_bad_input(n, c, k, match):
+def test_pass_at_k_refuses_impossible_counts(n, c, k, match):
     with pytest.raises(ValueError, match=match):
         pass_at_k(n, c, k)
 
@@ -200,7 +200,7 @@ def test_pass_at_k_bad_input(n, c, k, match):
 # -----------------------------------------------------------------------------
 # GSM8K rows, prompts and targets
 
-def test_messages_format():
+def test_messages_are_one_user_turn_in_the_official_frame():
     assert gsm8k.messages("  What is 1+1? \n") == [{
         "role": "user",
         "content": "Solve the math problem with proper reasoning, and make sure to put the FINAL ANSWER "
@@ -208,7 +208,7 @@ def test_messages_format():
     }]
 
 
-def test_golden_first_two_rows(gsm):
+def test_first_two_rows_give_the_official_prompt_and_target(gsm):
     rows = gsm("train")
     r0, r1 = rows[0], rows[1]
     assert r0["id"] == "gsm8k-train-0" and r1["id"] == "gsm8k-train-1"
@@ -258,7 +258,7 @@ def test_full_gsm8k_targets_grade_correct(full_gsm):
 
 
 @pytest.mark.shared
-def test_full_gsm8k_train_val_split(full_gsm, monkeypatch):
+def test_full_gsm8k_splits_6726_train_747_val(full_gsm, monkeypatch):
     monkeypatch.setenv("MEMGEN_GSM8K_URL", str(SHARED_GSM8K))
     train, val = gsm8k.train_val_split(full_gsm("train"))
     assert (len(train), len(val)) == (6726, 747)
@@ -266,12 +266,12 @@ def test_full_gsm8k_train_val_split(full_gsm, monkeypatch):
     assert gsm8k.load_task("gsm8k", "val") == val
 
 
-def test_train_val_split_bad_frac():
+def test_train_val_split_refuses_a_fraction_outside_0_1():
     with pytest.raises(ValueError, match="val_frac"):
         gsm8k.train_val_split([1, 2, 3], val_frac=1.0)
 
 
-def test_unknown_split(cache):
+def test_an_unknown_split_is_refused_by_name(cache):
     with pytest.raises(ValueError, match="unknown GSM8K split 'dev'"):
         gsm8k.load_split("dev")
     with pytest.raises(ValueError, match="unknown split 'dev'"):
@@ -283,7 +283,7 @@ def write_jsonl(path, lines):
     return path
 
 
-def test_malformed_gsm8k_line(tmp_path):
+def test_a_malformed_gsm8k_line_is_named_by_file_and_line(tmp_path):
     bad = write_jsonl(tmp_path / "train.jsonl", [
         json.dumps({"question": "q", "answer": "a\n#### 1"}),
         json.dumps({"question": "q", "answer": "a\n#### 2"}),
@@ -296,7 +296,7 @@ def test_malformed_gsm8k_line(tmp_path):
         gsm8k._gsm8k_rows(str(nohash), "x")
 
 
-def test_generic_jsonl_task(tmp_path):
+def test_a_question_answer_jsonl_becomes_rows_and_splits(tmp_path):
     f = write_jsonl(tmp_path / "mini.jsonl", [
         json.dumps({"question": " Capital of France? ", "answer": "Paris"}),
         "",
@@ -322,13 +322,13 @@ def test_generic_jsonl_task(tmp_path):
     (['{"question": "q", "answer": "a"}', "{oops}"], r"line 2: not valid JSON"),
     (["", ""], "has no rows"),
 ])
-def test_generic_jsonl_errors(tmp_path, lines, match):
+def test_a_bad_jsonl_line_is_named_with_what_is_wrong(tmp_path, lines, match):
     f = write_jsonl(tmp_path / "bad.jsonl", lines)
     with pytest.raises(DataError, match=match):
         gsm8k.load_jsonl_task(f)
 
 
-def test_generic_jsonl_missing_file_and_bad_bytes(tmp_path):
+def test_a_missing_or_non_utf8_jsonl_is_one_clear_error(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         gsm8k.load_jsonl_task(tmp_path / "nope.jsonl")
     binary = tmp_path / "bin.jsonl"
@@ -337,6 +337,6 @@ def test_generic_jsonl_missing_file_and_bad_bytes(tmp_path):
         gsm8k.load_jsonl_task(binary)
 
 
-def test_load_task_unknown_data():
+def test_unknown_data_is_refused_by_name():
     with pytest.raises(ValueError, match="unknown data 'mmlu'"):
         gsm8k.load_task("mmlu", "test")

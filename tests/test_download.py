@@ -114,7 +114,7 @@ BLOB = bytes(range(256)) * 40  # 10 KiB, every byte value
 # -----------------------------------------------------------------------------
 # download()
 
-def test_cache_dir_env(monkeypatch, tmp_path):
+def test_cache_dir_follows_memgen_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("MEMGEN_CACHE", str(tmp_path))
     assert cache_dir() == tmp_path
     monkeypatch.delenv("MEMGEN_CACHE")
@@ -134,7 +134,7 @@ def test_gsm8k_over_http_checks_the_pinned_sha_and_caches(srv, gsm8k_fixture):
     assert len(srv.requests) == n
 
 
-def test_gsm8k_env_base_url(srv, gsm8k_fixture, monkeypatch):
+def test_memgen_gsm8k_url_points_gsm8k_downloads_elsewhere(srv, gsm8k_fixture, monkeypatch):
     monkeypatch.setenv("MEMGEN_GSM8K_URL", f"{srv.url}/gsm8k-fixture/")
     assert len(gsm8k.load_split("test")) == 20 and any("gsm8k-fixture/test.jsonl" in p for p, _ in srv.requests)
 
@@ -146,26 +146,26 @@ def test_full_gsm8k_over_http_with_the_real_pinned_sha(srv):
     assert (len(train), len(test)) == (7473, 1319)
 
 
-def test_gsm8k_offline_hint(srv, monkeypatch):
+def test_gsm8k_offline_error_names_memgen_gsm8k_url(srv, monkeypatch):
     monkeypatch.setenv("MEMGEN_GSM8K_URL", closed_port_url("/data/"))
     with pytest.raises(DownloadError, match=r"^could not reach .*/data/test\.jsonl \(.*; set MEMGEN_GSM8K_URL"):
         gsm8k.load_split("test")
 
 
-def test_gsm8k_wrong_file_fails_sha(srv):
+def test_a_wrong_gsm8k_file_fails_its_pinned_sha(srv):
     put(srv, "fake/test.jsonl", b'{"question": "q", "answer": "a\\n#### 1"}\n')
     with pytest.raises(DownloadError, match="sha256 mismatch"):
         gsm8k.load_split("test", base_url=f"{srv.url}/fake")
 
 
-def test_success_and_size(srv, tmp_path):
+def test_download_checks_sha_and_size_and_writes_the_file(srv, tmp_path):
     url, sha = put(srv, "blob.bin", BLOB)
     dest = tmp_path / "out" / "blob.bin"
     assert download(url, dest, sha256=sha, size=len(BLOB)) == str(dest)
     assert dest.read_bytes() == BLOB
 
 
-def test_sha_mismatch(srv, tmp_path):
+def test_a_sha_mismatch_is_named_and_leaves_no_file_or_part(srv, tmp_path):
     url, sha = put(srv, "blob.bin", BLOB)
     dest = tmp_path / "blob.bin"
     with pytest.raises(DownloadError) as e:
@@ -175,13 +175,13 @@ def test_sha_mismatch(srv, tmp_path):
     assert not dest.exists() and not Path(str(dest) + ".part").exists()  # retry starts clean
 
 
-def test_404(srv, tmp_path):
+def test_http_404_is_one_line_and_leaves_no_file(srv, tmp_path):
     with pytest.raises(DownloadError, match=r"could not download http://127\.0\.0\.1:\d+/nope\.bin: HTTP 404"):
         download(f"{srv.url}/nope.bin", tmp_path / "nope.bin")
     assert not (tmp_path / "nope.bin").exists()
 
 
-def test_truncated_by_content_length(srv, tmp_path):
+def test_a_short_body_keeps_its_part_file_to_resume(srv, tmp_path):
     dest = tmp_path / "t.bin"
     with pytest.raises(DownloadError, match="truncated: got 100 of 1000 bytes"):
         download(f"{srv.url}/truncated", dest)
@@ -189,14 +189,14 @@ def test_truncated_by_content_length(srv, tmp_path):
     assert Path(str(dest) + ".part").stat().st_size == 100  # kept, so a rerun resumes
 
 
-def test_truncated_by_expected_size(srv, tmp_path):
+def test_a_file_shorter_than_its_expected_size_is_refused(srv, tmp_path):
     url, _ = put(srv, "small.bin", b"x" * 100)
     with pytest.raises(DownloadError, match="100 bytes but 200 were expected"):
         download(url, tmp_path / "small.bin", size=200)
     assert not (tmp_path / "small.bin").exists()
 
 
-def test_resume_with_range(srv, tmp_path):
+def test_a_part_file_resumes_with_a_range_request(srv, tmp_path):
     url, sha = put(srv, "blob.bin", BLOB)
     dest = tmp_path / "blob.bin"
     half = len(BLOB) // 2
@@ -264,7 +264,7 @@ def test_unreachable_is_one_line(tmp_path):
     assert e.value.__cause__ is None and e.value.__suppress_context__  # no chained traceback
 
 
-def test_file_url(tmp_path):
+def test_file_urls_download_and_a_missing_file_is_one_line(tmp_path):
     src = tmp_path / "src.bin"
     src.write_bytes(BLOB)
     dest = tmp_path / "dst" / "copy.bin"
@@ -274,7 +274,7 @@ def test_file_url(tmp_path):
         download((tmp_path / "missing.bin").as_uri(), tmp_path / "m.bin")
 
 
-def test_bad_url_scheme(tmp_path):
+def test_an_unknown_url_scheme_is_one_line(tmp_path):
     with pytest.raises(DownloadError, match="could not reach"):
         download("nosuchscheme://x/y", tmp_path / "y")
 
@@ -305,7 +305,7 @@ def hub(srv, monkeypatch):
     return srv
 
 
-def test_resolve_existing_folder(tmp_path):
+def test_an_existing_folder_resolves_to_itself(tmp_path):
     assert resolve_model(str(tmp_path)) == str(tmp_path)
 
 
