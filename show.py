@@ -141,28 +141,17 @@ def top_list(tok, logp, top):
 # 3. One problem: decode, replay, collect every number on its page
 
 
-def is_boundary(mg, prev, tok, nxt):
-    """Does an insertion point follow token `tok` (after `prev`, before `nxt`)? Its text ends with a delimiter and,
-    under mg.boundary "sentence", it is not a "." or "," inside a number (memgen.maybe_in_number, then a digit)."""
-    if not bool(mg.is_delim[tok]):
-        return False
-    if getattr(mg, "boundary", "official") == "sentence":
-        inside = memgen.maybe_in_number(mg, torch.tensor(prev), torch.tensor(tok))
-        return not (bool(inside) and bool(mg.starts_digit[nxt]))
-    return True
-
-
-def boundaries(mg, prompt, comp, insertions, decisions, trig_p):
-    """The points where the trigger could be asked: the end of the prompt (t = 0) and after every completion token
-    that ends a sentence (is_boundary) and is followed by another token. Each with the decision taken there:
-    "insert", "skip" (the trigger said no) or "N reached" (no insertions left), and the learned trigger's p(insert)
-    (recorded while decoding where it was asked, else read from one trigger pass over the whole sequence)."""
+def boundaries(mg, ids, mask, prompt_len, insertions, decisions, trig_p):
+    """The points where the trigger could be asked, for one row (ids, mask (1, T), prompt_len (1,)): the end of the
+    prompt (t = 0) and every sentence boundary of the completion - memgen.insertion_points with no cap on their
+    number, so the rule (mg.boundary) is memgen's own. Each with the decision taken there: "insert", "skip" (the
+    trigger said no) or "N reached" (no insertions left), and the learned trigger's p(insert) (recorded while
+    decoding where it was asked, else read from one trigger pass over the whole sequence)."""
     asked = {t: p for t, p, _ in decisions}
-    seq, P = list(prompt) + list(comp), len(prompt)
+    P = int(prompt_len[0])
+    points = memgen.insertion_points(mg, ids, mask, prompt_len, n=ids.shape[1])[0]
     out, used = [], 0
-    for t in range(len(comp)):
-        if t > 0 and not is_boundary(mg, seq[P + t - 2], seq[P + t - 1], seq[P + t]):
-            continue
+    for t in [int(p) - P for p in points if p >= 0]:
         candidate = t == 0 or used < mg.n
         inserted = t in insertions
         if inserted and not candidate:
@@ -210,7 +199,7 @@ def inspect(mg, tok, prompt, result, top=TOP_TOKENS, emb_norms=None):
             "next": [token_label(tok, chosen), chosen, float(lw[j, chosen].exp()), float(lo[j, chosen].exp())],
         })
     record = {"ids": comp, "text": result["text"], "insertions": records,
-              "boundaries": boundaries(mg, prompt, comp, ins, result.get("decisions", []), trig_p)}
+              "boundaries": boundaries(mg, ids, mask, plen, ins, result.get("decisions", []), trig_p)}
     return record, latents
 
 
