@@ -224,12 +224,12 @@ def fit(run, step_fn, validate, save, load):
         os.makedirs(run.out_dir, exist_ok=True)
         write_json(os.path.join(run.out_dir, "config.json"), cfg)
     log = Log(os.path.join(run.out_dir, "log.jsonl"), run.main, fresh=not run.resume)
-    final_rows = plan_final_eval(run, total)
     what = f"prompts x {cfg['group']} rollouts" if run.rl else "examples"
     run.say(f"{cfg.get('method', 'trigger')} on {len(run.train_set)} examples ({run.skipped} over max_len skipped), "
             f"{total} steps of {cfg['batch_size']} {what}, {sum(p.numel() for p in run.params):,} trainable "
             f"parameters, {run.model.dtype} on {run.device}, {run.world} process(es) -> {run.out_dir}"
             + (f" (resuming at step {step})" if step else ""))
+    final_rows = plan_final_eval(run, total)
     log(event="start", step=step, total=total, examples=len(run.train_set), world=run.world)
     from tqdm import tqdm
 
@@ -413,7 +413,8 @@ def restore(run, load, optimizer):
         optimizer.load_state_dict(state["optimizer"])
         return state["step"]
     except Exception as e:  # noqa: BLE001 - torch and safetensors raise many kinds for a damaged file
-        reason = " ".join(str(e).split())[:160] or type(e).__name__
+        first = " ".join(str(e).split()).split(". ")[0]
+        reason = f"{type(e).__name__}: {first}" if first and len(first) <= 100 else type(e).__name__
         older = [c for c in checkpoints(os.path.dirname(ckpt)) if c < ckpt and _readable(c)]
         then = (f"resume from the previous good checkpoint: --resume={older[-1]}" if older else
                 "no earlier checkpoint is readable: start over with --overwrite=true")

@@ -457,7 +457,7 @@ def test_a_quick_run_announces_and_runs_a_final_eval_of_its_own_size(folder, tas
     err = capsys.readouterr().err
     plan = next(x for x in err.splitlines() if "final eval after training" in x)
     assert re.search(r"4 of 20 test problems \(the run's size; --final_eval_limit=-1 skips it\), about \d+ s", plan)
-    assert err.index(plan) < err.index(" on 18 examples")  # announced at start
+    assert err.index(" on 18 examples") < err.index(plan) < err.index("adapters saved")  # announced at start
     assert res["final_eval"]["n"] == 4 and json.loads((out / "final_eval.json").read_text())["n"] == 4
 
 
