@@ -1,0 +1,71 @@
+"""ablate.py: the quick grid runs end to end, resumes without redoing work, and its variants differ as named."""
+import json
+import os
+
+import pytest
+
+import ablate
+
+
+def lines(out):
+    with open(os.path.join(out, "results.jsonl")) as f:
+        return [json.loads(x) for x in f if x.strip()]
+
+
+def test_quick_grid_runs_every_variant_and_writes_table_and_plots(tmp_path):
+    out = str(tmp_path / "grid")
+    res = ablate.main(["--quick=true", f"--out_dir={out}", "--progress=false"])
+    rows = lines(out)
+    final = {r["variant"]: r for r in rows if r["final"]}
+    assert list(final) == list(ablate.VARIANTS)  # every variant finished, in grid order
+    steps = {r["variant"]: sorted(x["step"] for x in rows if x["variant"] == r["variant"]) for r in rows}
+    assert steps["vanilla"] == [0] and steps["memgen"] == [0, 2, 4]
+    ins = {k: v["insertions"] for k, v in final.items()}
+    # the synthetic targets have 3 sentence ends (", " "." and a newline) before the answer
+    assert ins["vanilla"] == ins["sft-lora"] == ins["memgen-n0"] == 0
+    assert ins["memgen-n1"] == 1 and ins["memgen"] == ins["memgen-n5"] == 3 and 0 < ins["memgen-trigger-random"] < 3
+    t = {k: v["trainable"] for k, v in final.items()}
+    assert t["vanilla"] == 0 and t["memgen-k2"] < t["memgen"] < t["memgen-k16"] and t["sft-lora"] > 0
+    # training moved the in-domain NLL of every trained variant, and nothing moved vanilla's
+    first = {r["variant"]: r["in_nll"] for r in rows if r["step"] == 0}
+    assert all(final[k]["in_nll"] != first[k] for k in final if k != "vanilla")
+    md = open(os.path.join(out, "results.md")).read()
+    assert md.count("\n| ") == len(ablate.VARIANTS) + 1 and "| memgen-init-small | " in md
+    pytest.importorskip("matplotlib")
+    assert sorted(os.path.basename(p) for p in res["plots"]) == ["in_vs_ood.png", "nll_vs_step.png"]
+    assert all(os.path.getsize(p) > 5000 for p in res["plots"])
+
+
+def test_a_killed_grid_resumes_where_it_stopped(tmp_path, capsys, monkeypatch):
+    args = ["--quick=true", "--progress=false", "--plots=false", "--only=vanilla,memgen"]
+    whole = str(tmp_path / "whole")
+    ablate.main(args + [f"--out_dir={whole}"])
+    out = str(tmp_path / "killed")
+    append = ablate.append
+
+    def append_then_die(path, row):  # killed right after memgen's step-2 eval point was written
+        append(path, row)
+        if row["variant"] == "memgen" and row["step"] == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ablate, "append", append_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        ablate.main(args + [f"--out_dir={out}"])
+    monkeypatch.setattr(ablate, "append", append)
+    capsys.readouterr()
+    ablate.main(args + [f"--out_dir={out}"])
+    err = capsys.readouterr().err
+    assert "vanilla: finished earlier, skipped" in err and "memgen step 0" not in err and "memgen step 2" not in err
+    got, want = lines(out), lines(whole)
+    assert [(r["variant"], r["step"]) for r in got] == [(r["variant"], r["step"]) for r in want]
+    for a, b in zip(got, want):  # the same training, resumed: the same numbers
+        assert a["in_nll"] == pytest.approx(b["in_nll"], abs=1e-5) and a["ood_nll"] == pytest.approx(b["ood_nll"], abs=1e-5)
+
+
+def test_bad_settings_get_one_line(capsys):
+    with pytest.raises(SystemExit):
+        ablate.main(["--quick=true", "--only=memgen-k3"])
+    assert "unknown variant 'memgen-k3' in --only" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        ablate.main([])
+    assert "--model is required" in capsys.readouterr().err
