@@ -16,11 +16,13 @@ Every EVAL_EVERY steps (and at step 0) each variant is measured the same way:
   pass@1       greedy accuracy on the first PASS_LIMIT test problems, at the end only (0 = skipped)
 out/ablate-<name>/results.jsonl gets one line per variant and eval point as they finish (a killed grid resumes:
 finished variants are skipped, a variant in progress continues from its last eval point), results.md the table,
-and nll_vs_step.png / in_vs_ood.png the plots (matplotlib, a dev-only dependency).
+nll_vs_step.png / in_vs_ood.png the plots (matplotlib, a dev-only dependency), and adapters/<variant>/ each trained
+variant's adapters (for eval.py and show.py --adapter).
 """
 import json
 import math
 import os
+import shutil
 import sys
 import time
 import types
@@ -266,6 +268,20 @@ def run_variant(name, cfg, load, results, out_dir):
                                 trigger_mode=v["trigger"] if mode == "memgen" else None, progress=cfg["progress"])
         extra = {"pass@1": s["pass@1"], "decoded_insertions": s.get("mean_inference_insertions")}
     record(steps, extra)
+    if params:  # the trained adapters, for eval.py / show.py --adapter
+        save_adapters(os.path.join(out_dir, "adapters", name), policy, model)
+
+
+def save_adapters(path, policy, model):
+    tmp = path + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    if isinstance(policy, memgen.MemGen):
+        memgen.save(policy, tmp, parts=("weaver",))
+    else:
+        lora.save_adapter(model, "sft", tmp)
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
 
 
 def save_state(path, step, wall, params, optimizer):

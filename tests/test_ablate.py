@@ -29,6 +29,9 @@ def test_quick_grid_runs_every_variant_and_writes_table_and_plots(tmp_path):
     # training moved the in-domain NLL of every trained variant, and nothing moved vanilla's
     first = {r["variant"]: r["in_nll"] for r in rows if r["step"] == 0}
     assert all(final[k]["in_nll"] != first[k] for k in final if k != "vanilla")
+    saved = sorted(os.listdir(os.path.join(out, "adapters")))
+    assert saved == sorted(k for k in ablate.VARIANTS if k != "vanilla")
+    assert sorted(os.listdir(os.path.join(out, "adapters", "memgen"))) == ["weaver.json", "weaver.safetensors"]
     md = open(os.path.join(out, "results.md")).read()
     assert md.count("\n| ") == len(ablate.VARIANTS) + 1 and "| memgen-init-small | " in md
     pytest.importorskip("matplotlib")
