@@ -1,0 +1,68 @@
+"""
+The equality properties on a GPU, when there is one (marker `cuda`; skipped with the reason otherwise):
+logits = transformers, cached = uncached, MemGen's decode = the naive reference, the training forward and its
+gradients = the per-example reference. float32 on the GPU, so the tolerances are the CPU tests'. Run alone with
+`python -m pytest -m cuda`; in the default suite they run (or skip) like any other test.
+"""
+import pytest
+import torch
+
+import lora
+import memgen
+from model import KVCache, load_model
+from reference import naive_forward, naive_generate
+from tokenizer import load_tokenizer
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible to this torch")]
+DEV = "cuda"
+
+
+def make(tiny, k=4):
+    path, hf = tiny("qwen2", False)
+    model, tok = load_model(path, dtype="float32", device=DEV), load_tokenizer(path)
+    torch.manual_seed(0)
+    mg = memgen.MemGen(model, tok, k=k).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in list(lora.parameters(model, "weaver").values()) + list(mg.weaver.parameters()):
+            p.add_(0.1 * torch.randn(p.shape, generator=g).to(DEV))
+    return mg, tok, hf
+
+
+def test_logits_and_cache_on_gpu_match_transformers_and_uncached(tiny):
+    mg, tok, hf = make(tiny)
+    model = mg.model
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 30), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = hf(ids).logits
+        ours, _ = model(ids.to(DEV))
+        assert (ours.cpu() - ref).abs().max() <= 1e-4
+        cache = KVCache(model.cfg, 2, 40, DEV, model.dtype)
+        a, _ = model(ids[:, :20].to(DEV), cache=cache)
+        b, _ = model(ids[:, 20:].to(DEV), cache=cache)
+        assert (torch.cat([a, b], 1) - ours).abs().max() <= 1e-4
+
+
+def test_memgen_decode_and_training_forward_on_gpu_equal_the_naive_references(tiny):
+    mg, tok, _ = make(tiny)
+    mg.is_delim[::3] = True
+    prompts = [tok.chat([{"role": "user", "content": q}]) for q in ["What is 2+3?", "Say: a, b. c"]]
+    res = memgen.generate(mg, tok, prompts, max_new_tokens=24)
+    for p, r in zip(prompts, res):
+        with torch.no_grad():
+            toks, ins = naive_generate(mg, tok, p, 24)
+        assert r["ids"] == toks and r["insertions"] == ins
+    ids, mask, plen = memgen.right_pad(prompts, [r["ids"] for r in res], tok.pad_id, DEV)
+    points = memgen.insertion_points(mg, ids, mask, plen)
+    h = memgen.teacher_forced(mg, ids, mask, plen, points)
+    params = list(mg.trainable("weaver").values())
+    grads = torch.autograd.grad(mg.model.head(h).sum(), params)
+    ref = 0
+    for b in range(len(prompts)):
+        L = int(mask[b].sum())
+        hb = naive_forward(mg, ids[b, :L], int(plen[b]), [int(x) for x in points[b] if x >= 0])
+        assert (h[b, :L] - hb).abs().max() <= 1e-4
+        ref = ref + mg.model.head(hb).sum()
+    for g, rg in zip(grads, torch.autograd.grad(ref, params)):
+        assert (g - rg).abs().max() <= 1e-3 * max(1.0, rg.abs().max().item())
