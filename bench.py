@@ -9,8 +9,10 @@ Figures (each printed as a table row and as one JSON line; the last line holds t
   2. MemGen decode (K=8, N=3, mode always): ours cached vs an official-style decode that drops the reasoner's
      cache and re-runs the weaver over the whole prefix at every insertion; and ours vs our vanilla decode
                                                                                -> memgen_vs_naive, memgen_vs_vanilla
-  3. weaver SFT step (batch 8, max length 512): our batched cached forward+backward vs the per-example recompute
-     reference (reference.naive_forward, which the tests prove our forward equal to)              -> train_vs_naive
+  3. training steps on the same 8 examples (max length 512): the weaver SFT step (our batched cached
+     forward+backward) vs the per-example recompute reference (reference.naive_forward, which the tests prove our
+     forward equal to) and vs a LoRA-SFT step on the reasoner (the paper's SFT baseline)  -> train_vs_naive, sft_vs_lora
+     and, split into rollout and update time, a MemGen-GRPO step and a trigger REINFORCE step
   4. peak resident memory of reasoner + weaver + trigger relative to the base model alone           -> memory_ratio
 Decoding ignores EOS here so every run produces exactly MAX_NEW_TOKENS tokens per row. Needs requirements-dev.txt
 (transformers, for figure 1).
@@ -27,6 +29,7 @@ import torch.nn.functional as F
 
 import data
 import loading
+import lora
 import memgen
 import settings
 from model import Config, Transformer, generate
@@ -40,6 +43,10 @@ BATCH_SIZE = 8  # rows of the batched decode figures
 MAX_NEW_TOKENS = 256  # tokens decoded per row (EOS ignored)
 SEED = 0  # seeds MemGen's random initialisation (and QUICK's random model and prompts)
 QUICK = False  # true: a random 4-layer model built in memory instead of MODEL, under a minute on 2 CPU cores
+ONLY = ""  # "" = every figure; "train" = the training figures only (3, a few minutes); "decode" = figures 1-2 only
+RL_PROMPTS = 2  # prompts of the GRPO and trigger steps (figure 3), each with RL_GROUP rollouts
+RL_GROUP = 4  # rollouts per prompt in the GRPO and trigger steps
+RL_NEW_TOKENS = 128  # longest rollout of the GRPO and trigger steps
 # -----------------------------------------------------------------------------
 _PROG = "bench.py"
 _SFT_LEN = 512  # longest SFT example of figure 3, in tokens
@@ -154,7 +161,8 @@ def main(argv=None):
     """Run every figure; returns the headline ratios."""
     with loading.one_line_errors(_PROG):
         cfg, _ = settings.parse(sys.argv[1:] if argv is None else list(argv), globals(), _PROG)
-        settings.at_least(cfg, 1, "batch_size", "max_new_tokens")
+        settings.at_least(cfg, 1, "batch_size", "max_new_tokens", "rl_prompts", "rl_group", "rl_new_tokens")
+        settings.one_of(cfg, "only", ("", "train", "decode"))
         if not cfg["quick"] and not cfg["model"]:
             raise settings.SettingsError("pass --model=PATH (a Hugging Face model folder or a hub id), or "
                                          "--quick=true for a random model built in memory")
@@ -165,10 +173,16 @@ def main(argv=None):
           f"({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params), batch {len(setup['prompts'])}, "
           f"{setup['new_tokens']} new tokens")
     rows, ratios = [], {}
-    vanilla = decode_figures(setup, rows, ratios)
-    mg = memgen_figures(setup, vanilla, rows, ratios)
-    sft_figures(mg, setup, rows, ratios)
-    memory_figures(mg, setup, rows, ratios)
+    if cfg["only"] != "train":
+        vanilla = decode_figures(setup, rows, ratios)
+        mg = memgen_figures(setup, vanilla, rows, ratios)
+    else:
+        mg = memgen.MemGen(model, setup["tok"]).eval()
+    if cfg["only"] != "decode":
+        sft_figures(mg, setup, rows, ratios)
+        rl_figures(mg, setup, cfg, rows)
+    if not cfg["only"]:
+        memory_figures(mg, setup, rows, ratios)
     print("\n| figure | value | unit |\n| --- | --- | --- |")
     for name, value, unit in rows:
         print(f"| {name} | {value:.4g} | {unit} |")
@@ -195,6 +209,12 @@ def decode_figures(setup, rows, ratios):
     return len(prompts) * new_tokens / timed(lambda: generate(model, tok, prompts, max_new_tokens=new_tokens))[0]
 
 
+def best_of(n, fn):
+    """(fastest time, result) of n runs: the least disturbed by other work on the machine."""
+    runs = [timed(fn) for _ in range(n)]
+    return min(runs, key=lambda r: r[0])
+
+
 def memgen_figures(setup, vanilla, rows, ratios):
     """2. MemGen decode (mode always): ours vs the official-style decode, and vs our vanilla decode."""
     model, tok, prompts, new_tokens = setup["model"], setup["tok"], setup["prompts"], setup["new_tokens"]
@@ -211,18 +231,70 @@ def memgen_figures(setup, vanilla, rows, ratios):
     return mg
 
 
+def lora_step(model, ids, mask, prompt_len):
+    """One LoRA-SFT step on the same batch: the reasoner with an "sft" adapter, forward + backward."""
+    params = list(lora.parameters(model, "sft").values())
+    for p in params:
+        p.grad = None
+    with lora.use(model, "sft"):
+        _, h = model(ids, mask=mask, logits="none")
+    t = torch.arange(ids.shape[1], device=ids.device)
+    label = (t[None, 1:] >= prompt_len[:, None]) & mask[:, 1:]
+    loss = F.cross_entropy(model.head(h[:, :-1][label]).float(), ids[:, 1:][label])
+    loss.backward()
+    return loss.item()
+
+
 def sft_figures(mg, setup, rows, ratios):
-    """3. One weaver SFT step (forward + backward), ours batched vs the per-example recompute reference."""
+    """3. One weaver SFT step (forward + backward), ours batched vs the per-example recompute reference and vs a
+    LoRA-SFT step on the same batch (best of 2 runs each, the reference once: it is slow)."""
+    model = mg.model
     seqs, plen = setup["sft_examples"]
     ids, mask, prompt_len = memgen.right_pad([s[:p] for s, p in zip(seqs, plen)], [s[p:] for s, p in zip(seqs, plen)],
-                                             setup["tok"].pad_id, mg.model.device)
+                                             setup["tok"].pad_id, model.device)
+    if "sft" not in model.lora_meta:
+        lora.inject(model, ["sft"])
+    for p in lora.parameters(model, "sft").values():
+        p.requires_grad_(True)
     mg.eval()  # dropout off so both paths compute the same function
-    sft_step(mg, ids[:2], mask[:2], prompt_len[:2], naive=False)  # warm-up
-    dt_ours, loss_ours = timed(lambda: sft_step(mg, ids, mask, prompt_len, naive=False))
+    sft_step(mg, ids, mask, prompt_len, naive=False)  # warm-up at the measured shapes (the first call at a new
+    lora_step(model, ids, mask, prompt_len)  # shape is up to 2x slower on CPU: the allocator grows its pools)
+    dt_ours, loss_ours = best_of(2, lambda: sft_step(mg, ids, mask, prompt_len, naive=False))
+    dt_lora, loss_lora = best_of(2, lambda: lora_step(model, ids, mask, prompt_len))
     dt_ref, loss_ref = timed(lambda: sft_step(mg, ids, mask, prompt_len, naive=True))
     report(rows, "sft_step_s", dt_ours, "s", loss=loss_ours, tokens=int(mask.sum()))
-    report(rows, "naive_sft_step_s", dt_ref, "s", loss=loss_ref)
+    report(rows, "sft_lora_step_s", dt_lora, "s", loss=loss_lora)
+    report(rows, "naive_step_s", dt_ref, "s", loss=loss_ref)
     ratios["train_vs_naive"] = dt_ref / dt_ours
+    ratios["sft_vs_lora"] = dt_ours / dt_lora
+
+
+def rl_figures(mg, setup, cfg, rows):
+    """3b. A MemGen-GRPO step and a trigger REINFORCE step, each split into rollouts (sampling with the caches) and
+    the update (log-probs of the rollouts with gradients, backward); advantages are random here - the figure is
+    about time, not learning."""
+    tok, B, G = setup["tok"], cfg["rl_prompts"], cfg["rl_group"]
+    prompts = [p for p in setup["prompts"][:B] for _ in range(G)]
+    adv = torch.randn(len(prompts), generator=torch.Generator().manual_seed(cfg["seed"])).to(mg.model.device)
+    for mode, name in (("always", "grpo"), ("learned", "trigger")):
+        dt_roll, outs = timed(lambda: memgen.generate(mg, tok, prompts, cfg["rl_new_tokens"], temperature=1.0,
+                                                      seed=cfg["seed"], mode=mode, trigger_sample=True))
+
+        def update():  # what train_weaver.grpo_step / train_trigger.trigger_step do after their rollouts
+            completions = [o["ids"] for o in outs]
+            if mode == "learned":
+                dlogp, dmask = memgen.trigger_logprobs(mg, prompts, completions, [o["decisions"] for o in outs],
+                                                       tok.pad_id)
+                (-(adv * (dlogp * dmask).sum(1)).sum() / len(outs)).backward()
+            else:
+                logp, cmask, _, _ = memgen.logprobs(mg, prompts, completions, [o["insertions"] for o in outs],
+                                                    pad_id=tok.pad_id)
+                (-(adv[:, None] * logp * cmask).sum() / cmask.sum()).backward()
+
+        dt_up, _ = timed(update)
+        tokens = sum(len(o["ids"]) for o in outs)
+        report(rows, f"{name}_rollout_s", dt_roll, "s", rollouts=len(outs), tokens=tokens)
+        report(rows, f"{name}_update_s", dt_up, "s", share_of_step=round(dt_up / (dt_roll + dt_up), 3))
 
 
 def memory_figures(mg, setup, rows, ratios):

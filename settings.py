@@ -17,6 +17,7 @@ Scripts catch SettingsError (and their own ValueErrors) and print one line: `die
 import ast
 import io
 import math
+import os
 import sys
 import tokenize
 
@@ -138,7 +139,10 @@ def parse(argv, script_globals, prog=None):
     while i < len(argv):
         arg = argv[i]
         if arg in ("-h", "--help"):
-            print(usage(prog, base, comments(path), script_globals.get("__doc__")))
+            try:
+                print(usage(prog, base, comments(path), script_globals.get("__doc__")), flush=True)
+            except BrokenPipeError:  # `--help | head`: the reader left early, which is fine
+                sys.stdout = open(os.devnull, "w")
             raise SystemExit(0)
         if not arg.startswith("-"):
             if arg.endswith(".py") and not given:

@@ -57,7 +57,7 @@ ALLOW_OTHER_BASE = False  # load an adapter trained on another base model
 MODES = ("always", "learned", "random")
 PERCENTILES = (0, 5, 25, 50, 75, 95, 100)  # of the token-embedding norms, shown beside each latent's norm
 _DIAMOND, _HOLLOW, _DOT = "\u25c6", "\u25c7", "\u00b7"  # page markers: insertion, skipped, no insertions left
-VISIBLE = str.maketrans({" ": "\u2423", "\n": "\u21b5", "\t": "\u21e5", "\r": "\u240d"})  # whitespace made visible
+_VISIBLE = str.maketrans({" ": "\u2423", "\n": "\u21b5", "\t": "\u21e5", "\r": "\u240d"})  # whitespace made visible
 
 
 class ShowError(loading.LoadError):
@@ -74,7 +74,7 @@ def token_label(tok, i):
         text = tok.token_bytes(i).decode("utf-8", "backslashreplace")
     except ValueError:
         return f"[id {i}]"
-    return text.translate(VISIBLE) or "[empty]"
+    return text.translate(_VISIBLE) or "[empty]"
 
 
 def nearest_tokens(latents, emb, top):
@@ -190,7 +190,7 @@ def inspect(mg, tok, prompt, result, top=TOP_TOKENS, emb_norms=None):
         norms = lat.norm(dim=-1)
         chosen = comp[t]
         records.append({
-            "j": j, "t": t, "after": tok.decode(comp[max(0, t - 8):t]).translate(VISIBLE) if t else "",
+            "j": j, "t": t, "after": tok.decode(comp[max(0, t - 8):t]).translate(_VISIBLE) if t else "",
             "spread": mean_pairwise_cosine(lat),
             "latents": [{"norm": float(n), "norm_rank": float(r),
                          "nearest": [[token_label(tok, i), int(i), float(s)] for s, i in zip(sc, ni)]}

@@ -12,13 +12,23 @@ def test_quick_bench_prints_the_ratios_and_its_reference_decodes_our_tokens(caps
     ratios = bench.main(["--quick=true"])
     out = capsys.readouterr().out.strip().splitlines()
     last = json.loads(out[-1])
-    assert set(last) == {"memgen_vs_vanilla", "memgen_vs_naive", "train_vs_naive", "memory_ratio"}
+    assert set(last) == {"memgen_vs_vanilla", "memgen_vs_naive", "train_vs_naive", "sft_vs_lora", "memory_ratio"}
     assert ratios["memory_ratio"] > 1  # MemGen's parts add parameter bytes to the base model's
     figures = {r["figure"]: r for r in map(json.loads, (x for x in out if x.startswith('{"figure"')))}
     assert figures["official_style_memgen_tok_s"]["same_tokens"] is True
     assert figures["memgen_tok_s"]["insertions_per_row"] > 1  # inference insertions did happen
     # the two SFT steps compute the same loss (the reference the tests hold the forward to)
-    assert abs(figures["sft_step_s"]["loss"] - figures["naive_sft_step_s"]["loss"]) < 1e-4
+    assert abs(figures["sft_step_s"]["loss"] - figures["naive_step_s"]["loss"]) < 1e-4
+    # GRPO and trigger steps are timed in two parts; the trigger's rollouts asked it at every boundary
+    for name in ("grpo", "trigger"):
+        assert figures[f"{name}_rollout_s"]["rollouts"] == 8 and 0 < figures[f"{name}_update_s"]["share_of_step"] < 1
+
+
+def test_only_train_runs_just_the_training_figures(capsys):
+    ratios = bench.main(["--quick=true", "--only=train", "--rl_prompts=1", "--rl_group=2", "--rl_new_tokens=16"])
+    assert set(ratios) == {"train_vs_naive", "sft_vs_lora"}
+    out = capsys.readouterr().out
+    assert "vanilla_tok_s" not in out and "sft_lora_step_s" in out and "trigger_update_s" in out
 
 
 def one_line_error(argv, capsys):
