@@ -30,7 +30,7 @@ from model import pick_dtype
 DATA = "gsm8k"  # the task (data.get_task): gsm8k, humaneval, or FORMAT:FILE.jsonl with FORMAT qa|choice|fever
 SPLIT = "test"  # which of the task's splits to evaluate: test | val | train
 MODEL = "Qwen/Qwen2.5-1.5B-Instruct"  # a hub id org/name (downloaded once) or a local Hugging Face model folder
-MODE = "vanilla"  # vanilla (the base model) | lora (with an sft adapter) | memgen (weaver, and trigger if learned)
+MODE = "vanilla"  # vanilla | lora (an sft adapter) | memgen (weaver, trigger if learned) | memorybank | expel | awm
 ADAPTER = ""  # the trained adapters: a training run's final/ (sft.* for lora; weaver.*, trigger.* for memgen)
 TRIGGER_MODE = "always"  # memgen only, when to insert memory: always | learned (needs a trained trigger) | random | off
 SAMPLES = 1  # completions per problem; pass@k is reported for every k in 1, 2, 4, ... up to this
@@ -44,15 +44,25 @@ DTYPE = "auto"  # auto (bfloat16 on GPUs and on CPUs with native bf16, else floa
 DEVICE = "auto"  # auto (cuda when a GPU is visible) | cpu | cuda | cuda:N
 OUT_DIR = ""  # the output folder; "" = out/eval/ + a name made of the data, mode, model, adapter and settings
 RESULTS_MD = "out/results.md"  # the markdown table every run appends its row to; "" = none
+MEMORY = ""  # --mode=memorybank|expel|awm: the memory directory build_memory.py made
+MEMORY_BUDGET = 768  # most tokens of memory text put in front of each problem's prompt
+MEMORY_TOP_K = 3  # retrieved experiences per problem (memorybank, expel)
 ALLOW_OTHER_BASE = False  # load an --adapter trained on another base model anyway (same shapes required)
 PROGRESS = True  # show a progress bar
 # -----------------------------------------------------------------------------
 _PROG = "eval.py"
+_MEMORIES = ("memorybank", "expel", "awm")  # retrieval-memory baselines: the base model with memory in its prompt
 
 
 def check(cfg, given):
     """The settings, each checked with one line naming it (before anything is loaded)."""
-    settings.one_of(cfg, "mode", evaluation.MODES)
+    settings.one_of(cfg, "mode", evaluation.MODES + _MEMORIES)
+    settings.at_least(cfg, 0, "memory_budget")
+    settings.at_least(cfg, 1, "memory_top_k")
+    if (cfg["mode"] in _MEMORIES) != bool(cfg["memory"]):
+        raise settings.SettingsError(f"--mode={cfg['mode']} needs --memory=DIR (a build_memory.py directory)"
+                                     if cfg["mode"] in _MEMORIES else
+                                     f"--memory is read by --mode={'|'.join(_MEMORIES)} only, not --mode={cfg['mode']}")
     settings.one_of(cfg, "trigger_mode", memgen.TRIGGER_MODES)
     settings.at_least(cfg, 0, "limit")
     if "trigger_mode" in given and cfg["mode"] != "memgen":
@@ -86,8 +96,12 @@ def main(argv=None):
         rows = task.load(cfg["split"])
         rows = rows[:cfg["limit"]] if cfg["limit"] else rows
         model, tok = loading.load_base(cfg["model"], cfg["dtype"], loading.resolve_device(cfg["device"]))
-        policy = loading.load_policy(cfg["mode"], model, tok, cfg["adapter"], cfg["trigger_mode"],
+        gen_mode = "vanilla" if cfg["mode"] in _MEMORIES else cfg["mode"]  # a memory only changes the prompt
+        policy = loading.load_policy(gen_mode, model, tok, cfg["adapter"], cfg["trigger_mode"],
                                      cfg["allow_other_base"])
+        memory_tokens = {}
+        if cfg["mode"] in _MEMORIES:
+            task = with_memory(task, cfg, model, tok, memory_tokens)
         if cfg["mode"] == "memgen" and not cfg["adapter"]:
             print(f"{_PROG}: warning: --mode=memgen without --adapter evaluates an UNTRAINED weaver (random queries "
                   "and maps); the numbers say nothing about MemGen", file=sys.stderr)
@@ -96,15 +110,20 @@ def main(argv=None):
                    model=os.path.abspath(cfg["model"]) if os.path.isdir(cfg["model"]) else cfg["model"],
                    adapter=os.path.abspath(cfg["adapter"]) if cfg["adapter"] else "",
                    trigger_mode=cfg["trigger_mode"] if cfg["mode"] == "memgen" else None)
+        if cfg["mode"] in _MEMORIES:
+            run.update(memory=os.path.abspath(cfg["memory"]), memory_budget=cfg["memory_budget"],
+                       memory_top_k=cfg["memory_top_k"])
         evaluation.claim_out_dir(out_dir, run)
         print(f"{_PROG}: {len(rows)} problems x {cfg['samples']} samples, mode "
               f"{evaluation.run_label(cfg['mode'], cfg['trigger_mode'])}, model {cfg['model']}, {model.dtype} on "
               f"{model.device} -> {out_dir}", file=sys.stderr)
-        summary = evaluation.evaluate(policy, tok, task, rows, cfg["mode"], samples=cfg["samples"],
+        summary = evaluation.evaluate(policy, tok, task, rows, gen_mode, samples=cfg["samples"],
                                       temperature=cfg["temperature"], top_p=cfg["top_p"],
                                       batch_size=cfg["batch_size"], max_new_tokens=cfg["max_new_tokens"],
                                       seed=cfg["seed"], trigger_mode=run["trigger_mode"],
                                       out_path=os.path.join(out_dir, "results.jsonl"), progress=cfg["progress"])
+        if memory_tokens:  # the problems generated in this run (a resumed run's earlier ones are not re-counted)
+            summary["mean_memory_tokens"] = round(sum(memory_tokens.values()) / len(memory_tokens), 1)
         summary["eval_s"] = summary.pop("wall_s")  # generation + grading only; wall_s below includes loading
         summary.update(data=cfg["data"], mode=cfg["mode"], model=cfg["model"], wall_s=round(time.time() - t0, 3),
                        run=run, args=cfg)
@@ -117,6 +136,31 @@ def main(argv=None):
                 print(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
         print(json.dumps({k: v for k, v in summary.items() if k != "args"}))
         return summary
+
+
+def with_memory(task, cfg, model, tok, used):
+    """The task with each problem's prompt led by the memory's text (memory.augment, cut to MEMORY_BUDGET tokens);
+    used[id] records how many memory tokens each prompt received."""
+    import types
+
+    import memory
+
+    try:
+        mem = memory.load(cfg["memory"], model, tok, top_k=cfg["memory_top_k"])
+    except memory.MemError as e:
+        raise settings.SettingsError(str(e)) from None
+    if mem.kind != cfg["mode"]:
+        raise settings.SettingsError(f"--memory={cfg['memory']} holds a {mem.kind} memory; pass --mode={mem.kind}")
+
+    def messages(row):
+        msgs, n = memory.augment(mem, task, row, tok, cfg["memory_budget"])
+        used[str(row["id"])] = n
+        return msgs
+
+    out = types.SimpleNamespace(NAME=task.NAME, load=task.load, grade=task.grade, messages=messages)
+    if hasattr(task, "grade_many"):
+        out.grade_many = task.grade_many
+    return out
 
 
 if __name__ == "__main__":

@@ -372,6 +372,8 @@ def default_out_dir(cfg, defaults):
     name += [run_label(cfg["mode"], cfg["trigger_mode"]), Path(cfg["model"].rstrip("/")).name]
     if cfg["adapter"]:
         name.append(adapter_label(cfg["adapter"]))
+    if cfg.get("memory"):
+        name.append(Path(cfg["memory"].rstrip("/")).name)
     name += [f"{k}{cfg[k]}" for k in RUN_KEYS if k not in ("data", "split", "mode", "trigger_mode", "model", "adapter")
              and cfg[k] != defaults[k]]
     return os.path.join("out", "eval", "-".join(name))

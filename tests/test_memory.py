@@ -643,3 +643,29 @@ def test_awm_online_induction_after_judged_successes(tiny, task, tmp_path, monke
     assert [w["description"] for w in memory.observe(judged, task, row, "anything", False)] == [mine]
     replay = memory.load(d, model, tok)
     assert replay.add_workflows(new) == new and len(replay.workflows) == n + 1
+
+
+def test_eval_with_a_memory_puts_it_in_every_prompt_within_the_budget(tiny, task_file, tmp_path, capsys):
+    """build_memory.py -> eval.py --mode=memorybank: prompts carry memory text within the budget, the summary
+    reports the mean memory tokens, and a missing, misplaced or mismatched memory is one line."""
+    import build_memory
+    import eval as eval_script
+
+    path, _, tok = tiny
+    d = str(tmp_path / "bank")
+    build_memory.main(["--kind=memorybank", f"--data={task_file}", f"--model={path}", f"--out_dir={d}",
+                       "--dtype=float32", "--progress=false"])
+    out = str(tmp_path / "eval")
+    args = [f"--data={task_file}", f"--model={path}", "--dtype=float32", "--max_new_tokens=4", "--limit=3",
+            "--progress=false", "--results_md=", f"--out_dir={out}"]
+    s = eval_script.main(args + ["--mode=memorybank", f"--memory={d}", "--memory_budget=60", "--memory_top_k=2"])
+    assert s["n"] == 3 and 0 < s["mean_memory_tokens"] <= 60
+    rows = [json.loads(x) for x in open(os.path.join(out, "results.jsonl"))]
+    assert [r["id"] for r in rows] == ["sums-0", "sums-1", "sums-2"]
+    capsys.readouterr()
+    for bad, message in ((["--mode=memorybank"], "--mode=memorybank needs --memory=DIR"),
+                         (["--mode=awm", f"--memory={d}", f"--out_dir={tmp_path / 'x'}"], "holds a memorybank memory; pass --mode=memorybank"),
+                         ([f"--memory={d}"], "--memory is read by --mode=memorybank|expel|awm only")):
+        with pytest.raises(SystemExit):
+            eval_script.main([a for a in args if not a.startswith("--out_dir")] + bad)
+        assert message in capsys.readouterr().err
