@@ -5,6 +5,7 @@ eval.py: batched, resumable evaluation of the reasoner, a LoRA baseline or MemGe
     python eval.py --model=M --mode=lora --adapter=out/sft-lora-gsm8k-M/final    # the LoRA-SFT baseline
     python eval.py --model=M --mode=memgen --adapter=out/trigger-gsm8k-M/final --trigger_mode=learned
     python eval.py --model=M --samples=8 --temperature=1.0                   # pass@1/2/4/8
+    python eval.py --model=M --data=gsm8k,humaneval --limit=100             # cross-domain: out/crossdomain.md
 
 Outputs go to --out_dir (default out/eval/<data>-<mode>-<model>[-<adapter>][-<each result-changing setting that is
 not its default>], so two different evaluations never share a folder):
@@ -27,7 +28,7 @@ import memgen
 import settings
 from model import pick_dtype
 
-DATA = "gsm8k"  # the task (data.get_task): gsm8k, humaneval, or FORMAT:FILE.jsonl with FORMAT qa|choice|fever
+DATA = "gsm8k"  # the task(s), comma-separated (data.get_task): gsm8k, humaneval, or FORMAT:FILE.jsonl (qa|choice|fever)
 SPLIT = "test"  # which of the task's splits to evaluate: test | val | train
 MODEL = "Qwen/Qwen2.5-1.5B-Instruct"  # a hub id org/name (downloaded once) or a local Hugging Face model folder
 MODE = "vanilla"  # vanilla | lora (an sft adapter) | memgen (weaver, trigger if learned) | memorybank | expel | awm
@@ -43,6 +44,7 @@ SEED = 0  # sampling seed (batch i is sampled with SEED + i, so a resumed run ma
 DTYPE = "auto"  # auto (bfloat16 on GPUs and on CPUs with native bf16, else float32) | float32 | bfloat16 | float16
 DEVICE = "auto"  # auto (cuda when a GPU is visible) | cpu | cuda | cuda:N
 OUT_DIR = ""  # the output folder; "" = out/eval/ + a name made of the data, mode, model, adapter and settings
+TABLE = "out/crossdomain"  # with several --data tasks: each run's pass@1 per task goes to TABLE.jsonl, gathered in TABLE.md and TABLE.png ("" = none)
 RESULTS_MD = "out/results.md"  # the markdown table every run appends its row to; "" = none
 MEMORY = ""  # --mode=memorybank|expel|awm: the memory directory build_memory.py made
 MEMORY_BUDGET = 768  # most tokens of memory text put in front of each problem's prompt
@@ -87,55 +89,71 @@ def check(cfg, given):
 
 
 def main(argv=None):
-    """Evaluate; returns the summary dict (also written to summary.json)."""
+    """Evaluate on each task of --data (comma-separated); returns the summary dict (also written to summary.json),
+    or {data: summary} for several tasks, whose pass@1 also go to the cross-domain table (--table)."""
     with loading.one_line_errors(_PROG):
         cfg, given = settings.parse(sys.argv[1:] if argv is None else list(argv), globals(), _PROG)
         check(cfg, given)
-        t0 = time.time()
-        task = data.get_task(cfg["data"])
-        rows = task.load(cfg["split"])
-        rows = rows[:cfg["limit"]] if cfg["limit"] else rows
+        specs = [d.strip() for d in cfg["data"].split(",") if d.strip()]
+        tasks = [data.get_task(spec) for spec in specs]  # a bad task name fails before the model loads
         model, tok = loading.load_base(cfg["model"], cfg["dtype"], loading.resolve_device(cfg["device"]))
         gen_mode = "vanilla" if cfg["mode"] in _MEMORIES else cfg["mode"]  # a memory only changes the prompt
         policy = loading.load_policy(gen_mode, model, tok, cfg["adapter"], cfg["trigger_mode"],
                                      cfg["allow_other_base"])
-        memory_tokens = {}
-        if cfg["mode"] in _MEMORIES:
-            task = with_memory(task, cfg, model, tok, memory_tokens)
         if cfg["mode"] == "memgen" and not cfg["adapter"]:
             print(f"{_PROG}: warning: --mode=memgen without --adapter evaluates an UNTRAINED weaver (random queries "
                   "and maps); the numbers say nothing about MemGen", file=sys.stderr)
-        out_dir = cfg["out_dir"] or evaluation.default_out_dir(cfg, settings.defaults(globals()))
-        run = dict({k: cfg[k] for k in evaluation.RUN_KEYS}, dtype=str(model.dtype).replace("torch.", ""),
-                   model=os.path.abspath(cfg["model"]) if os.path.isdir(cfg["model"]) else cfg["model"],
-                   adapter=os.path.abspath(cfg["adapter"]) if cfg["adapter"] else "",
-                   trigger_mode=cfg["trigger_mode"] if cfg["mode"] == "memgen" else None)
-        if cfg["mode"] in _MEMORIES:
-            run.update(memory=os.path.abspath(cfg["memory"]), memory_budget=cfg["memory_budget"],
-                       memory_top_k=cfg["memory_top_k"])
-        evaluation.claim_out_dir(out_dir, run)
-        print(f"{_PROG}: {len(rows)} problems x {cfg['samples']} samples, mode "
-              f"{evaluation.run_label(cfg['mode'], cfg['trigger_mode'])}, model {cfg['model']}, {model.dtype} on "
-              f"{model.device} -> {out_dir}", file=sys.stderr)
-        summary = evaluation.evaluate(policy, tok, task, rows, gen_mode, samples=cfg["samples"],
-                                      temperature=cfg["temperature"], top_p=cfg["top_p"],
-                                      batch_size=cfg["batch_size"], max_new_tokens=cfg["max_new_tokens"],
-                                      seed=cfg["seed"], trigger_mode=run["trigger_mode"],
-                                      out_path=os.path.join(out_dir, "results.jsonl"), progress=cfg["progress"])
-        if memory_tokens:  # the problems generated in this run (a resumed run's earlier ones are not re-counted)
-            summary["mean_memory_tokens"] = round(sum(memory_tokens.values()) / len(memory_tokens), 1)
-        summary["eval_s"] = summary.pop("wall_s")  # generation + grading only; wall_s below includes loading
-        summary.update(data=cfg["data"], mode=cfg["mode"], model=cfg["model"], wall_s=round(time.time() - t0, 3),
-                       run=run, args=cfg)
-        evaluation.write_json(os.path.join(out_dir, "summary.json"), summary)
-        if cfg["results_md"]:
-            evaluation.append_markdown(cfg["results_md"], cfg, summary)
-        width = max(len(k) for k in summary)
-        for k, v in summary.items():
-            if k not in ("run", "args"):
-                print(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
-        print(json.dumps({k: v for k, v in summary.items() if k != "args"}))
-        return summary
+        summaries = {}
+        for spec, task in zip(specs, tasks):
+            one = dict(cfg, data=spec)
+            if cfg["out_dir"] and len(specs) > 1:
+                one["out_dir"] = os.path.join(cfg["out_dir"], evaluation.data_label(spec))
+            summaries[spec] = evaluate_task(one, task, model, tok, policy, gen_mode)
+        if cfg["table"] and (len(specs) > 1 or "table" in given):
+            paths = evaluation.cross_domain_table(cfg["table"], cfg, summaries)
+            print(f"{_PROG}: cross-domain table -> {', '.join(paths)}", file=sys.stderr)
+        return summaries[specs[0]] if len(specs) == 1 else summaries
+
+
+def evaluate_task(cfg, task, model, tok, policy, gen_mode):
+    """One task: rows, the output folder (claimed for these settings), evaluate, summary.json and the table row."""
+    t0 = time.time()
+    rows = task.load(cfg["split"])
+    rows = rows[:cfg["limit"]] if cfg["limit"] else rows
+    memory_tokens = {}
+    if cfg["mode"] in _MEMORIES:
+        task = with_memory(task, cfg, model, tok, memory_tokens)
+    out_dir = cfg["out_dir"] or evaluation.default_out_dir(cfg, settings.defaults(globals()))
+    run = dict({k: cfg[k] for k in evaluation.RUN_KEYS}, dtype=str(model.dtype).replace("torch.", ""),
+               model=os.path.abspath(cfg["model"]) if os.path.isdir(cfg["model"]) else cfg["model"],
+               adapter=os.path.abspath(cfg["adapter"]) if cfg["adapter"] else "",
+               trigger_mode=cfg["trigger_mode"] if cfg["mode"] == "memgen" else None)
+    if cfg["mode"] in _MEMORIES:
+        run.update(memory=os.path.abspath(cfg["memory"]), memory_budget=cfg["memory_budget"],
+                   memory_top_k=cfg["memory_top_k"])
+    evaluation.claim_out_dir(out_dir, run)
+    print(f"{_PROG}: {cfg['data']}: {len(rows)} problems x {cfg['samples']} samples, mode "
+          f"{evaluation.run_label(cfg['mode'], cfg['trigger_mode'])}, model {cfg['model']}, {model.dtype} on "
+          f"{model.device} -> {out_dir}", file=sys.stderr)
+    summary = evaluation.evaluate(policy, tok, task, rows, gen_mode, samples=cfg["samples"],
+                                  temperature=cfg["temperature"], top_p=cfg["top_p"],
+                                  batch_size=cfg["batch_size"], max_new_tokens=cfg["max_new_tokens"],
+                                  seed=cfg["seed"], trigger_mode=run["trigger_mode"],
+                                  out_path=os.path.join(out_dir, "results.jsonl"), progress=cfg["progress"])
+    if memory_tokens:  # the problems generated in this run (a resumed run's earlier ones are not re-counted)
+        summary["mean_memory_tokens"] = round(sum(memory_tokens.values()) / len(memory_tokens), 1)
+    summary["eval_s"] = summary.pop("wall_s")  # generation + grading only; wall_s below includes loading
+    summary.update(data=cfg["data"], mode=cfg["mode"], model=cfg["model"], wall_s=round(time.time() - t0, 3),
+                   run=run, args=cfg)
+    evaluation.write_json(os.path.join(out_dir, "summary.json"), summary)
+    if cfg["results_md"]:
+        evaluation.append_markdown(cfg["results_md"], cfg, summary)
+    width = max(len(k) for k in summary)
+    for k, v in summary.items():
+        if k not in ("run", "args"):
+            print(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
+    print(json.dumps({k: v for k, v in summary.items() if k != "args"}))
+    return summary
 
 
 def with_memory(task, cfg, model, tok, used):

@@ -421,3 +421,64 @@ def append_markdown(path, cfg, summary):
         os.replace(tmp, path)
     with open(path, "a") as f:
         f.write("| " + " | ".join(cells) + " |\n")
+
+
+# -----------------------------------------------------------------------------
+# the cross-domain table: rows = what was evaluated (mode, adapter, model), columns = tasks, cells = pass@1
+
+
+def cross_domain_table(base, cfg, summaries):
+    """Append this run's pass@1 per task to base.jsonl, then rewrite base.md (and base.png when matplotlib is
+    installed) from every run recorded there; the latest run of a (row, task) pair wins. Returns the files."""
+    row = " ".join([run_label(cfg["mode"], cfg["trigger_mode"])]
+                   + ([adapter_label(cfg["adapter"])] if cfg["adapter"] else [])
+                   + ([Path(cfg["memory"].rstrip("/")).name] if cfg.get("memory") else [])
+                   + [Path(cfg["model"].rstrip("/")).name])
+    os.makedirs(os.path.dirname(os.path.abspath(base)), exist_ok=True)
+    with open(base + ".jsonl", "a") as f:
+        for spec, s in summaries.items():
+            f.write(json.dumps({"row": row, "data": data_label(spec), "pass@1": s["pass@1"], "n": s["n"],
+                                "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M")}) + "\n")
+    cells = {}
+    with open(base + ".jsonl") as f:
+        for line in f:
+            if line.strip():
+                r = json.loads(line)
+                cells[(r["row"], r["data"])] = r
+    rows = list(dict.fromkeys(r for r, _ in cells))
+    cols = list(dict.fromkeys(d for _, d in cells))
+    lines = ["| row | " + " | ".join(f"{d} pass@1" for d in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for r in rows:
+        lines.append(f"| {r} | " + " | ".join(
+            f"{100 * cells[r, d]['pass@1']:.1f} (n={cells[r, d]['n']})" if (r, d) in cells else "" for d in cols)
+            + " |")
+    _write_text(base + ".md", "\n".join(lines) + "\n")
+    paths = [base + ".md"]
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("evaluation: matplotlib is not installed, so no cross-domain plot", file=sys.stderr)
+        return paths
+    fig, ax = plt.subplots(figsize=(1.5 + 1.6 * len(cols), 4))
+    width = 0.8 / max(len(rows), 1)
+    for i, r in enumerate(rows):
+        xs = [j + i * width for j, d in enumerate(cols) if (r, d) in cells]
+        ax.bar(xs, [100 * cells[r, d]["pass@1"] for d in cols if (r, d) in cells], width, label=r)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cols))], cols)
+    ax.set_ylabel("pass@1 (%)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(base + ".tmp.png", dpi=110)
+    plt.close(fig)
+    os.replace(base + ".tmp.png", base + ".png")
+    return paths + [base + ".png"]
+
+
+def _write_text(path, text):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)

@@ -254,3 +254,25 @@ def test_local_jsonl_task_is_prompted_and_graded_like_gsm8k(folder, tmp_path, mo
     assert [r["gold"] for r in rows] == ["0", "2", "4", "6"] and [r["correct"] for r in rows] == [[False], [True],
                                                                                                  [False], [False]]
     assert "| mine | vanilla |" in (tmp_path / "results.md").read_text()
+
+
+def test_several_tasks_in_one_run_fill_the_cross_domain_table(folder, tmp_path):
+    """--data=A,B evaluates each task into its own folder; the table gets one row per evaluated policy and one
+    column per task, each cell the pass@1 of that task's summary; a later run of another mode adds a row."""
+    qa = tmp_path / "sums.jsonl"
+    qa.write_text("".join(json.dumps({"question": f"What is {a} plus 1?", "answer": str(a + 1)}) + "\n"
+                          for a in range(4)))
+    table = str(tmp_path / "cross")
+    both = run(folder, tmp_path, f"--data=gsm8k,{qa}", "--limit=3", f"--table={table}",
+               f"--out_dir={tmp_path / 'v'}")
+    assert list(both) == ["gsm8k", str(qa)] and [s["n"] for s in both.values()] == [3, 3]
+    assert (tmp_path / "v" / "gsm8k" / "summary.json").exists() and (tmp_path / "v" / "sums" / "summary.json").exists()
+    run(folder, tmp_path, f"--data=gsm8k,{qa}", "--limit=2", f"--table={table}", "--mode=memgen",
+        f"--out_dir={tmp_path / 'm'}")
+    md = Path(table + ".md").read_text().splitlines()
+    assert md[0] == "| row | gsm8k pass@1 | sums pass@1 |" and len(md) == 4
+    assert md[2].startswith("| vanilla ") and md[3].startswith("| memgen ")
+    assert md[2].endswith(f"| {100 * both['gsm8k']['pass@1']:.1f} (n=3) | {100 * both[str(qa)]['pass@1']:.1f} (n=3) |")
+    assert "(n=2)" in md[3]
+    pytest.importorskip("matplotlib")
+    assert Path(table + ".png").stat().st_size > 3000
