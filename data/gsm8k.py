@@ -21,6 +21,7 @@ a bit more lenient: thousands commas, units in \text{}, and numerically equal fo
 (0.5 = 1/2 = \frac{1}{2}) all count.
 """
 
+import gzip
 import json
 import os
 import random
@@ -81,12 +82,13 @@ def _split_gsm8k_answer(answer):
     return target, final.replace(",", "")
 
 
-def _read_jsonl(path):
-    """Yield (line number, dict) for each non-blank line; bad JSON -> DataError naming the line."""
+def _read_jsonl(path, what="task file"):
+    """Yield (line number, dict) for each non-blank line of a .jsonl (or .jsonl.gz) file; bad JSON -> DataError
+    naming the line, an unreadable file -> DataError naming it (`what` says what it should have been)."""
     try:
-        f = open(path, encoding="utf-8")
+        f = gzip.open(path, "rt", encoding="utf-8") if str(path).endswith(".gz") else open(path, encoding="utf-8")
     except OSError as e:
-        raise DataError(f"cannot read task file {path}: {e.strerror or e}") from None
+        raise DataError(f"cannot read {what} {path}: {e.strerror or e}") from None
     with f:
         try:
             for lineno, line in enumerate(f, 1):
@@ -101,6 +103,8 @@ def _read_jsonl(path):
                 yield lineno, obj
         except UnicodeDecodeError:
             raise DataError(f"{path}: not UTF-8 text (is it really a .jsonl file?)") from None
+        except (OSError, EOFError) as e:  # a damaged .gz (gzip.BadGzipFile is an OSError)
+            raise DataError(f"cannot read {what} {path} ({e}); expected a jsonl or jsonl.gz file") from None
 
 
 def _field(obj, key, path, lineno):

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import sandbox
 from data.download import DownloadError, cache_dir, download
-from data.gsm8k import TASK_SPLITS, DataError
+from data.gsm8k import TASK_SPLITS, DataError, _read_jsonl
 
 # -----------------------------------------------------------------------------
 NAME = "humaneval"
@@ -69,20 +69,9 @@ def read_problems(path):
     path = str(path)
     if not os.path.isfile(path):
         raise DataError(f"HumanEval file {path} does not exist")
-    try:
-        with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except (OSError, EOFError, UnicodeDecodeError) as e:  # gzip.BadGzipFile is an OSError
-        raise DataError(f"cannot read HumanEval file {path} ({e}); expected the jsonl(.gz) of openai/human-eval") from None
     problems = []
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}, line {lineno}: not valid JSON ({e.msg})") from None
-        bad = [k for k in FIELDS if not isinstance(obj, dict) or not isinstance(obj.get(k), str)]
+    for lineno, obj in _read_jsonl(path, "HumanEval file"):
+        bad = [k for k in FIELDS if not isinstance(obj.get(k), str)]
         if bad:
             raise DataError(f"{path}, line {lineno}: missing or non-string field(s) {bad}; each problem needs {list(FIELDS)}")
         if not obj["entry_point"].isidentifier():

@@ -266,7 +266,7 @@ def test_humaneval_bad_files(tmp_path):
     with pytest.raises(DataError, match="HumanEval file .*nope.jsonl does not exist"):
         humaneval.load("test", tmp_path / "nope.jsonl")
     (tmp_path / "bad.jsonl.gz").write_bytes(b"not gzip")
-    with pytest.raises(DataError, match=r"cannot read HumanEval file .*bad\.jsonl\.gz \(.*\); expected the jsonl"):
+    with pytest.raises(DataError, match=r"cannot read HumanEval file .*bad\.jsonl\.gz \(.*\); expected a jsonl"):
         humaneval.load("test", tmp_path / "bad.jsonl.gz")
     line = json.loads(HUMANEVAL5.read_text().splitlines()[0])
     del line["test"]
