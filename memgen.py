@@ -424,7 +424,9 @@ def teacher_forced(mg, ids, mask, prompt_len, points):
     embeds = mg.model.embed(ids)
     latents = weaver_rounds(mg, embeds, points, prompt_len)
     seq, seq_len, tok_slot = assemble(mg, embeds, mask, points, latents)
-    h = packed_reasoner(mg, seq, seq_len)
+    first = points[:, 0] if points.shape[1] else torch.full_like(seq_len, -1)
+    prefix_len = torch.where(first >= 0, first, seq_len)  # slots before a row's first latent
+    h = packed_reasoner(mg, seq, seq_len, prefix_len)
     pred_slot = torch.cat([tok_slot[:, 1:] - 1, tok_slot[:, -1:]], 1).clamp(max=seq.shape[1] - 1)
     return h.gather(1, pred_slot[..., None].expand(-1, -1, h.shape[-1]))
 
@@ -489,36 +491,54 @@ def assemble(mg, embeds, mask, points, latents):
     return seq, total, tok_slot
 
 
-def packed_reasoner(mg, seq, seq_len):
+def packed_reasoner(mg, seq, seq_len, prefix_len):
     """
     Stage 3: the frozen reasoner over all rows' sequences (B, S, D) at once, returning its hidden states (B, S, D).
     Rows are packed into as few rows of length S as they fit in (first-fit, longest first), each sequence
     attending only to itself (segment ids) with its own position ids: short rows share a row instead of being
-    padded to the longest.
+    padded to the longest. The first prefix_len[b] slots of each row (its tokens before the first latent) depend on
+    nothing that is trained, so they run first without autograd; the rest reads their keys and values from the
+    same cache, and the backward pass covers only it.
     """
     model = mg.model
     B, S, D = seq.shape
     dev = seq.device
-    lens = seq_len.tolist()
+    lens, pre = seq_len.tolist(), prefix_len.tolist()
     fill, where = [], {}
     for b in sorted(range(B), key=lambda b: -lens[b]):
         i = next((i for i, f in enumerate(fill) if f + lens[b] <= S), len(fill))
         if i == len(fill):
             fill.append(0)
-        where[b] = (i, fill[i])
+        where[b] = i
         fill[i] += lens[b]
-    start = torch.tensor([where[b][0] * S + where[b][1] for b in range(B)], device=dev)
-    t = torch.arange(S, device=dev)[None].expand(B, S)
-    real = t < seq_len[:, None]
-    dest = (start[:, None] + t)[real]  # packed slot of every real slot, in row-major order
     R = len(fill)
-    packed = seq.new_zeros(R * S, D).index_put((dest,), seq[real]).view(R, S, D)
-    pos = torch.zeros(R * S, dtype=torch.long, device=dev).index_put((dest,), t[real]).view(R, S)
-    segment = torch.full((R * S,), -1, dtype=torch.long, device=dev)
-    segment = segment.index_put((dest,), torch.arange(B, device=dev)[:, None].expand(B, S)[real]).view(R, S)
-    with lora.use(model, None):
-        _, hp = model(inputs_embeds=packed, positions=pos, segments=segment, mask=segment >= 0, logits="none")
-    return hp.new_zeros(B, S, D).index_put((real,), hp.reshape(R * S, D)[dest])
+    used = {"prefix": [0] * R, "rest": [0] * R}  # how far each packed row is filled in each pass
+    start = {"prefix": [], "rest": []}
+    for b in range(B):
+        i = where[b]
+        for part, n in (("prefix", pre[b]), ("rest", lens[b] - pre[b])):
+            start[part].append(used[part][i])
+            used[part][i] += n
+    t = torch.arange(S, device=dev)[None].expand(B, S)
+    h = seq.new_zeros(B, S, D)
+    cache = KVCache(model.cfg, R, device=dev, dtype=model.dtype)  # growing: the rest reads the prefix from it
+    for part, lo, hi in (("prefix", torch.zeros_like(prefix_len), prefix_len), ("rest", prefix_len, seq_len)):
+        L = max(used[part])
+        if L == 0:
+            continue
+        take = (t >= lo[:, None]) & (t < hi[:, None])  # (B, S): this pass's slots
+        offset = torch.tensor(start[part], device=dev)[:, None] + t - lo[:, None]
+        row = torch.tensor([where[b] for b in range(B)], device=dev)[:, None].expand(B, S)
+        dest = (row * L + offset)[take]  # packed slot of every slot of this pass, in row-major order
+        packed = seq.new_zeros(R * L, D).index_put((dest,), seq[take]).view(R, L, D)
+        pos = torch.zeros(R * L, dtype=torch.long, device=dev).index_put((dest,), t[take]).view(R, L)
+        segment = torch.full((R * L,), -1, dtype=torch.long, device=dev)
+        segment = segment.index_put((dest,), torch.arange(B, device=dev)[:, None].expand(B, S)[take]).view(R, L)
+        with lora.use(model, None), torch.set_grad_enabled(part == "rest" and torch.is_grad_enabled()):
+            _, hp = model(inputs_embeds=packed, positions=pos, segments=segment, mask=segment >= 0, cache=cache,
+                          logits="none")
+        h = h.index_put((take,), hp.reshape(R * L, D)[dest])
+    return h
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -148,6 +148,8 @@ class KVCache:
     weaver's K query slots after reading their states. Preallocated: slots lens-n .. lens-1 become invalid, lens -= n
     and next_pos moves back by the real ones among them. Growing: the columns stay (autograd holds them), but the last
     n real slots of every row become invalid and next_pos moves back by as many (at most the row's real count).
+    Packed rows (Transformer.forward's `segments`) work with no cache or a growing one: `segments` keeps the segment id
+    of every slot so far, and a position attends only to earlier slots of its own segment.
     """
 
     def __init__(self, cfg, batch, max_len=None, device="cpu", dtype=torch.float32):
@@ -160,6 +162,7 @@ class KVCache:
         self.lens = torch.zeros(batch, dtype=torch.long, device=device)
         self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)
         self.rows = None
+        self.segments = None  # (batch, slots) segment ids of packed rows, growing mode only
 
     def begin(self, mask, rows=None):
         """Start a call: place T new slots for `rows` with validity `mask` (B', T); return the attention mask.
@@ -381,15 +384,16 @@ class Transformer(nn.Module):
         rows (B,) long: which rows of the cache these B inputs belong to (default: all of them, in order).
         logits: "all", "last" (only the final slot, enough for sampling) or "none".
         segments (B, T) long: several sequences packed into one row (no padding to compute); a position attends
-        only within its own segment. Needs explicit positions and no cache.
+        only within its own segment (also across calls on a growing cache). Needs explicit positions and no cache or
+        a growing one.
         Returns (logits or None, last hidden state after the final norm (B, T, D)).
         """
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         B, T, _ = x.shape
         if mask is None:
             mask = torch.ones(B, T, dtype=torch.bool, device=x.device)
-        if segments is not None and (cache is not None or positions is None):
-            raise ModelError("packed segments need explicit positions and no cache")
+        if segments is not None and (positions is None or (cache is not None and cache.max_len is not None)):
+            raise ModelError("packed segments need explicit positions and no cache or a growing one")
         if cache is None:
             # a throwaway growing cache makes the uncached forward the same code path as the cached one
             cache = KVCache(self.cfg, B, device=x.device, dtype=x.dtype)
@@ -398,7 +402,9 @@ class Transformer(nn.Module):
             positions = (start[:, None] + mask.long().cumsum(1) - 1).clamp(min=0)
         attn_mask = cache.begin(mask, rows)  # (B, 1, T, slots)
         if segments is not None:
-            attn_mask = attn_mask & (segments[:, None, :, None] == segments[:, None, None, :])
+            keys = segments if cache.segments is None else torch.cat([cache.segments, segments], 1)
+            cache.segments = keys
+            attn_mask = attn_mask & (segments[:, None, :, None] == keys[:, None, None, :])
 
         freqs = positions[..., None].float() * self.inv_freq  # rotary angles in float32, as the reference
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]

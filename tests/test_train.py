@@ -513,7 +513,9 @@ def test_torchrun_two_processes_equal_one(folder, task, tmp_path):
     a, b = load_file(f"{one}/final/weaver.safetensors"), load_file(f"{two}/final/weaver.safetensors")
     assert set(a) == set(b)
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+        # Adam divides by sqrt(v): where a gradient is ~0, rounding (different packed shapes per process) moves the
+        # update by up to ~lr; a wrong all-reduce would be off by the gradient itself
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-4)
     la, lb = step_losses(one), step_losses(two)
     assert la[1] == pytest.approx(lb[1], rel=1e-5) and la[2] == pytest.approx(lb[2], rel=1e-5)
     assert any(not torch.equal(a[k], torch.zeros_like(a[k])) for k in a if "lora_B" in k)  # it did train
