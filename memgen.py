@@ -22,6 +22,8 @@ Speed: every model call is cached and batched. The weaver keeps a KV cache over 
 only what is new since that row's last call plus K queries, then drops the query slots again (the official code
 re-runs the weaver over the whole prefix each time). Calls are made for the rows that need them only.
 """
+import json
+import os
 from dataclasses import dataclass
 
 import torch
@@ -631,6 +633,16 @@ def save(mg, path, parts=("weaver", "trigger")):
 
 def load(mg, path, parts=("weaver", "trigger")):
     for part in parts:
-        info = lora.load_adapter(mg.model, part, path, extra=extra_tensors(mg, part))
-        if info.get("k", mg.k) != mg.k:
-            raise ModelError(f"{path}/{part}.json was trained with K={info['k']} latents, this MemGen has K={mg.k}")
+        meta = os.path.join(path, f"{part}.json")
+        k = _read_json(meta).get("k", mg.k) if os.path.isfile(meta) else mg.k
+        if k != mg.k:  # before the tensors, whose shapes would only say "(4, D) vs (8, D)"
+            raise ModelError(f"{meta} was trained with K={k} latents, this MemGen has K={mg.k}")
+        lora.load_adapter(mg.model, part, path, extra=extra_tensors(mg, part))
+
+
+def _read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}  # lora.load_adapter reports a bad file with its own message

@@ -157,6 +157,9 @@ def test_save_load_round_trip(tiny, tmp_path):
             assert torch.equal(a, b), k
     got = memgen.generate(fresh, tok, prompts, max_new_tokens=20)[0]
     assert got["ids"] == want["ids"] and got["insertions"] == want["insertions"]
+    other_k, _ = make(tiny, k=K + 2)
+    with pytest.raises(ModelError, match=f"weaver.json was trained with K={K} latents, this MemGen has K={K + 2}"):
+        memgen.load(other_k, str(tmp_path))
 
 
 def test_trainable_counts(tiny):
