@@ -28,7 +28,6 @@ import time
 import types
 
 import torch
-import torch.nn.functional as F
 
 import data
 import evaluation
@@ -130,10 +129,7 @@ def nll(policy, v, model, examples, pad_id, vocab, generator):
     else:
         with lora.use(model, "sft" if v["method"] == "sft-lora" else None):
             _, h = model(ids, mask=mask, logits="none")
-    t = torch.arange(ids.shape[1], device=ids.device)
-    label = (t[None, 1:] >= prompt_len[:, None]) & mask[:, 1:]  # h[:, t] predicts ids[:, t+1]
-    logits = model.head(h[:, :-1][label])[:, :vocab].float()
-    return F.cross_entropy(logits, ids[:, 1:][label], reduction="sum"), int(label.sum()), inserted
+    return (*training.completion_nll(model, h, ids, mask, prompt_len, vocab), inserted)
 
 
 @torch.no_grad()

@@ -19,7 +19,6 @@ What is trained (the reasoner's own weights never change):
   sft-lora, grpo-lora  one LoRA ("sft") on the reasoner itself, same layers and rank: the paper's SFT/GRPO rows
 """
 import torch
-import torch.nn.functional as F
 
 import data
 import evaluation
@@ -169,10 +168,7 @@ def sft_loss(run, examples):
     else:
         with lora.use(model, "sft"):
             _, h = model(ids, mask=mask, logits="none")
-    t = torch.arange(ids.shape[1], device=ids.device)
-    label = (t[None, 1:] >= prompt_len[:, None]) & mask[:, 1:]  # h[:, t] predicts ids[:, t+1]
-    logits = model.head(h[:, :-1][label])[:, :run.vocab].float()  # completion positions only: no (B, T, V) tensor
-    return F.cross_entropy(logits, ids[:, 1:][label], reduction="sum"), int(label.sum())
+    return training.completion_nll(model, h, ids, mask, prompt_len, run.vocab)
 
 
 def validate(run):

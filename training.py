@@ -28,6 +28,7 @@ import time
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 import data
 import evaluation
@@ -193,6 +194,16 @@ def lr_at(step, total, cfg):
 
 def chunks(seq, size):
     return [seq[i:i + size] for i in range(0, len(seq), size)]
+
+
+def completion_nll(model, h, ids, mask, prompt_len, vocab):
+    """(summed NLL, count) of the completion tokens from the reasoner's hidden states h (h[:, t] predicts
+    ids[:, t+1]); logits only at completion positions, so no (B, T, V) tensor. The SFT loss of both kinds of policy
+    (train_weaver.py) and ablate.py's NLL metrics."""
+    t = torch.arange(ids.shape[1], device=ids.device)
+    label = (t[None, 1:] >= prompt_len[:, None]) & mask[:, 1:]
+    logits = model.head(h[:, :-1][label])[:, :vocab].float()
+    return F.cross_entropy(logits, ids[:, 1:][label], reduction="sum"), int(label.sum())
 
 
 def task_rewards(task, rows, rollouts):
