@@ -127,8 +127,7 @@ def nll(policy, v, model, examples, pad_id, vocab, generator):
         inserted = int((points[:, 1:] >= 0).sum())
         h = memgen.teacher_forced(policy, ids, mask, prompt_len, points)
     else:
-        with lora.use(model, "sft" if v["method"] == "sft-lora" else None):
-            _, h = model(ids, mask=mask, logits="none")
+        h = training.adapter_hidden(model, ids, mask, "sft" if v["method"] == "sft-lora" else None)
     return (*training.completion_nll(model, h, ids, mask, prompt_len, vocab), inserted)
 
 

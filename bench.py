@@ -32,6 +32,7 @@ import loading
 import lora
 import memgen
 import settings
+import training
 from model import Config, Transformer, generate
 from reference import naive_forward, official_style_decode
 
@@ -236,13 +237,10 @@ def lora_step(model, ids, mask, prompt_len):
     params = list(lora.parameters(model, "sft").values())
     for p in params:
         p.grad = None
-    with lora.use(model, "sft"):
-        _, h = model(ids, mask=mask, logits="none")
-    t = torch.arange(ids.shape[1], device=ids.device)
-    label = (t[None, 1:] >= prompt_len[:, None]) & mask[:, 1:]
-    loss = F.cross_entropy(model.head(h[:, :-1][label]).float(), ids[:, 1:][label])
-    loss.backward()
-    return loss.item()
+    h = training.adapter_hidden(model, ids, mask, "sft")  # packed, as train_weaver.py's LoRA-SFT
+    total, n = training.completion_nll(model, h, ids, mask, prompt_len, model.cfg.vocab_size)
+    (total / n).backward()
+    return total.item() / n
 
 
 def sft_figures(mg, setup, rows, ratios):

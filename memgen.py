@@ -106,7 +106,7 @@ class MemGen(nn.Module):
     def match_embedding_scale(self):
         """latent_init "embedding": scale weaver_to_reasoner so the latents the weaver makes from its queries alone
         have the median norm of the reasoner's token embeddings (a probe of both insertion types)."""
-        model, k = self.model, self.k
+        model = self.model
         cache = KVCache(model.cfg, 2, device=model.device, dtype=model.dtype)
         probe = torch.zeros(2, 0, model.cfg.hidden_size, dtype=model.dtype, device=model.device)
         lat = weave(self, cache, probe, torch.zeros(2, 0, dtype=torch.bool, device=model.device),
@@ -428,7 +428,7 @@ def teacher_forced(mg, ids, mask, prompt_len, points):
     seq, seq_len, tok_slot = assemble(mg, embeds, mask, points, latents)
     first = points[:, 0] if points.shape[1] else torch.full_like(seq_len, -1)
     prefix_len = torch.where(first >= 0, first, seq_len)  # slots before a row's first latent
-    h = packed_reasoner(mg, seq, seq_len, prefix_len)
+    h = packed_reasoner(mg.model, seq, seq_len, prefix_len)
     pred_slot = torch.cat([tok_slot[:, 1:] - 1, tok_slot[:, -1:]], 1).clamp(max=seq.shape[1] - 1)
     return h.gather(1, pred_slot[..., None].expand(-1, -1, h.shape[-1]))
 
@@ -493,7 +493,7 @@ def assemble(mg, embeds, mask, points, latents):
     return seq, total, tok_slot
 
 
-def packed_reasoner(mg, seq, seq_len, prefix_len):
+def packed_reasoner(model, seq, seq_len, prefix_len, adapter=None):
     """
     Stage 3: the frozen reasoner over all rows' sequences (B, S, D) at once, returning its hidden states (B, S, D).
     Rows are packed into as few rows of length S as they fit in (first-fit, longest first), each sequence
@@ -501,8 +501,9 @@ def packed_reasoner(mg, seq, seq_len, prefix_len):
     padded to the longest. The first prefix_len[b] slots of each row (its tokens before the first latent) depend on
     nothing that is trained, so they run first without autograd; the rest reads their keys and values from the
     same cache, and the backward pass covers only it.
+    LoRA-SFT uses it too (adapter="sft", prefix_len 0: its adapter changes every position, so nothing runs without
+    autograd), so both kinds of SFT skip padding alike.
     """
-    model = mg.model
     B, S, D = seq.shape
     dev = seq.device
     lens, pre = seq_len.tolist(), prefix_len.tolist()
@@ -536,7 +537,7 @@ def packed_reasoner(mg, seq, seq_len, prefix_len):
         pos = torch.zeros(R * L, dtype=torch.long, device=dev).index_put((dest,), t[take]).view(R, L)
         segment = torch.full((R * L,), -1, dtype=torch.long, device=dev)
         segment = segment.index_put((dest,), torch.arange(B, device=dev)[:, None].expand(B, S)[take]).view(R, L)
-        with lora.use(model, None), torch.set_grad_enabled(part == "rest" and torch.is_grad_enabled()):
+        with lora.use(model, adapter), torch.set_grad_enabled(part == "rest" and torch.is_grad_enabled()):
             _, hp = model(inputs_embeds=packed, positions=pos, segments=segment, mask=segment >= 0, cache=cache,
                           logits="none")
         h = h.index_put((take,), hp.reshape(R * L, D)[dest])

@@ -166,8 +166,7 @@ def sft_loss(run, examples):
         points = memgen.insertion_points(run.policy, ids, mask, prompt_len)
         h = memgen.teacher_forced(run.policy, ids, mask, prompt_len, points)
     else:
-        with lora.use(model, "sft"):
-            _, h = model(ids, mask=mask, logits="none")
+        h = training.adapter_hidden(model, ids, mask, "sft")
     return training.completion_nll(model, h, ids, mask, prompt_len, run.vocab)
 
 

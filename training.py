@@ -196,6 +196,14 @@ def chunks(seq, size):
     return [seq[i:i + size] for i in range(0, len(seq), size)]
 
 
+def adapter_hidden(model, ids, mask, adapter):
+    """The reasoner's hidden states (B, T, D) over right-padded rows with one LoRA adapter active (None = the base
+    model): the rows are packed (memgen.packed_reasoner), so padding costs nothing, as in MemGen's training forward.
+    LoRA-SFT's forward (train_weaver.py) and the NLL of ablate.py's non-MemGen variants."""
+    zero = torch.zeros_like(mask[:, 0], dtype=torch.long)
+    return memgen.packed_reasoner(model, model.embed(ids), mask.sum(1), zero, adapter)
+
+
 def completion_nll(model, h, ids, mask, prompt_len, vocab):
     """(summed NLL, count) of the completion tokens from the reasoner's hidden states h (h[:, t] predicts
     ids[:, t+1]); logits only at completion positions, so no (B, T, V) tensor. The SFT loss of both kinds of policy

@@ -16,8 +16,6 @@ and a print of a random marker. Right means: exit code 0, no timeout, and the ma
 so a program that exits early with status 0 (sys.exit(0) before the tests) is wrong.
 """
 
-import gzip
-import json
 import os
 import re
 import secrets

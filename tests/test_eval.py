@@ -1,7 +1,6 @@
 """eval.py end to end on a tiny random model and real GSM8K test problems (the 20-row fixture in tests/fixtures;
 the numbers are meaningless), and its bad inputs as one clear line (issue 11)."""
 import json
-import shutil
 from pathlib import Path
 
 import pytest
