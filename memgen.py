@@ -496,8 +496,8 @@ def assemble(mg, embeds, mask, points, latents):
 def packed_reasoner(model, seq, seq_len, prefix_len, adapter=None):
     """
     Stage 3: the frozen reasoner over all rows' sequences (B, S, D) at once, returning its hidden states (B, S, D).
-    Rows are packed into as few rows of length S as they fit in (first-fit, longest first), each sequence
-    attending only to itself (segment ids) with its own position ids: short rows share a row instead of being
+    Rows are packed into as few rows as they fit in (first-fit, longest first, by the length of the autograd pass),
+    each sequence attending only to itself (segment ids) with its own position ids: short rows share a row instead of being
     padded to the longest. The first prefix_len[b] slots of each row (its tokens before the first latent) depend on
     nothing that is trained, so they run first without autograd; the rest reads their keys and values from the
     same cache, and the backward pass covers only it.
@@ -507,13 +507,15 @@ def packed_reasoner(model, seq, seq_len, prefix_len, adapter=None):
     B, S, D = seq.shape
     dev = seq.device
     lens, pre = seq_len.tolist(), prefix_len.tolist()
+    # pack by the autograd pass's lengths (its slots cost ~3x a no-grad slot); each pass is as wide as its fullest row
+    size = [n - p for n, p in zip(lens, pre)] if any(n > p for n, p in zip(lens, pre)) else lens
     fill, where = [], {}
-    for b in sorted(range(B), key=lambda b: -lens[b]):
-        i = next((i for i, f in enumerate(fill) if f + lens[b] <= S), len(fill))
+    for b in sorted(range(B), key=lambda b: -size[b]):
+        i = next((i for i, f in enumerate(fill) if f + size[b] <= max(size)), len(fill))
         if i == len(fill):
             fill.append(0)
         where[b] = i
-        fill[i] += lens[b]
+        fill[i] += size[b]
     R = len(fill)
     used = {"prefix": [0] * R, "rest": [0] * R}  # how far each packed row is filled in each pass
     start = {"prefix": [], "rest": []}
