@@ -48,6 +48,7 @@ ONLY = ""  # "" = every figure; "train" = the training figures only (3, a few mi
 RL_PROMPTS = 2  # prompts of the GRPO and trigger steps (figure 3), each with RL_GROUP rollouts
 RL_GROUP = 4  # rollouts per prompt in the GRPO and trigger steps
 RL_NEW_TOKENS = 128  # longest rollout of the GRPO and trigger steps
+PROFILE = False  # true: also print torch.profiler's top operators of one MemGen-SFT step and one LoRA-SFT step
 # -----------------------------------------------------------------------------
 _PROG = "bench.py"
 _SFT_LEN = 512  # longest SFT example of figure 3, in tokens
@@ -180,7 +181,7 @@ def main(argv=None):
     else:
         mg = memgen.MemGen(model, setup["tok"]).eval()
     if cfg["only"] != "decode":
-        sft_figures(mg, setup, rows, ratios)
+        sft_figures(mg, setup, rows, ratios, cfg["profile"])
         rl_figures(mg, setup, cfg, rows)
     if not cfg["only"]:
         memory_figures(mg, setup, rows, ratios)
@@ -243,7 +244,7 @@ def lora_step(model, ids, mask, prompt_len):
     return total.item() / n
 
 
-def sft_figures(mg, setup, rows, ratios):
+def sft_figures(mg, setup, rows, ratios, profile=False):
     """3. One weaver SFT step (forward + backward), ours batched vs the per-example recompute reference and vs a
     LoRA-SFT step on the same batch (best of 2 runs each, the reference once: it is slow)."""
     model = mg.model
@@ -265,6 +266,16 @@ def sft_figures(mg, setup, rows, ratios):
     report(rows, "naive_step_s", dt_ref, "s", loss=loss_ref)
     ratios["train_vs_naive"] = dt_ref / dt_ours
     ratios["sft_vs_lora"] = dt_ours / dt_lora
+    if profile:  # where the time goes, operator by operator (backward included)
+        from torch.profiler import ProfilerActivity, profile as profiler
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        for name, step in (("MemGen-SFT", lambda: sft_step(mg, ids, mask, prompt_len, naive=False)),
+                           ("LoRA-SFT", lambda: lora_step(model, ids, mask, prompt_len))):
+            with profiler(activities=acts) as prof:
+                step()
+            print(f"\n# {name} step: top operators by self time\n"
+                  + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12), flush=True)
 
 
 def rl_figures(mg, setup, cfg, rows):

@@ -29,6 +29,16 @@ def test_only_train_runs_just_the_training_figures(capsys):
     assert set(ratios) == {"train_vs_naive", "sft_vs_lora"}
     out = capsys.readouterr().out
     assert "vanilla_tok_s" not in out and "sft_lora_step_s" in out and "trigger_update_s" in out
+    assert "top operators" not in out  # the profile only when asked
+
+
+def test_profile_prints_the_top_operators_of_both_sft_steps(capsys):
+    bench.main(["--quick=true", "--only=train", "--rl_prompts=1", "--rl_group=2", "--rl_new_tokens=16",
+                "--profile=true"])
+    out = capsys.readouterr().out
+    for step in ("MemGen-SFT", "LoRA-SFT"):
+        assert f"# {step} step: top operators by self time" in out
+    assert out.count("aten::mm") >= 2
 
 
 def one_line_error(argv, capsys):
