@@ -358,11 +358,12 @@ def plot(out_dir, results, names):
     paths = []
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name in names:
-        pts = sorted((r["step"], r["in_nll"]) for r in results if r["variant"] == name)
-        if len(pts) > 1:
-            ax.plot(*zip(*pts), marker=".", label=name)
-        elif pts:
+        mine = [r for r in results if r["variant"] == name]
+        pts = sorted((r["step"], r["in_nll"]) for r in mine)
+        if len(pts) == 1 and mine[0].get("final"):  # an untrained variant (vanilla): a level, not a curve
             ax.axhline(pts[0][1], ls="--", color="gray", label=name)
+        elif pts:  # a curve, or the first point of a variant still training
+            ax.plot(*zip(*pts), marker=".", label=name)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("held-out answer NLL (nats/token)")
     ax.legend(fontsize=7)

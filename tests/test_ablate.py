@@ -72,3 +72,18 @@ def test_bad_settings_get_one_line(capsys):
     with pytest.raises(SystemExit):
         ablate.main([])
     assert "--model is required" in capsys.readouterr().err
+
+
+def test_a_variant_still_at_its_first_point_is_not_drawn_as_a_baseline(tmp_path, monkeypatch):
+    """Only an untrained variant (a single, final point) is a dashed level; one paused at step 0 is a point."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.axes
+
+    levels = []
+    real = matplotlib.axes.Axes.axhline
+    monkeypatch.setattr(matplotlib.axes.Axes, "axhline",
+                        lambda self, y=0, *a, **kw: levels.append(kw.get("label")) or real(self, y, *a, **kw))
+    rows = [dict(variant="vanilla", step=0, in_nll=1.4, ood_nll=1.1, final=True),
+            dict(variant="memgen", step=0, in_nll=1.7, ood_nll=1.8, final=False)]
+    ablate.plot(str(tmp_path), rows, ["vanilla", "memgen"])
+    assert levels == ["vanilla"]
