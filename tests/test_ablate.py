@@ -81,8 +81,11 @@ def test_a_variant_still_at_its_first_point_is_not_drawn_as_a_baseline(tmp_path,
 
     levels = []
     real = matplotlib.axes.Axes.axhline
-    monkeypatch.setattr(matplotlib.axes.Axes, "axhline",
-                        lambda self, y=0, *a, **kw: levels.append(kw.get("label")) or real(self, y, *a, **kw))
+    def axhline(self, y=0, *a, **kw):
+        levels.append(kw.get("label"))
+        return real(self, y, *a, **kw)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "axhline", axhline)
     rows = [dict(variant="vanilla", step=0, in_nll=1.4, ood_nll=1.1, final=True),
             dict(variant="memgen", step=0, in_nll=1.7, ood_nll=1.8, final=False)]
     ablate.plot(str(tmp_path), rows, ["vanilla", "memgen"])
