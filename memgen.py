@@ -498,9 +498,9 @@ def packed_reasoner(model, seq, seq_len, prefix_len, adapter=None):
     Stage 3: the frozen reasoner over all rows' sequences (B, S, D) at once, returning its hidden states (B, S, D).
     Rows are packed into as few rows as they fit in (first-fit, longest first, by the length of the autograd pass),
     each sequence attending only to itself (segment ids) with its own position ids: short rows share a row instead
-    of being padded to the longest. The first prefix_len[b] slots of each row (its tokens before the first latent) depend on
-    nothing that is trained, so they run first without autograd; the rest reads their keys and values from the
-    same cache, and the backward pass covers only it.
+    of being padded to the longest. The first prefix_len[b] slots of each row (its tokens before the first latent)
+    depend on nothing that is trained, so they run first without autograd; the rest reads their keys and values
+    from the same cache, and the backward pass covers only it.
     LoRA-SFT uses it too (adapter="sft", prefix_len 0: its adapter changes every position, so nothing runs without
     autograd), so both kinds of SFT skip padding alike.
     """
