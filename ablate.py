@@ -36,6 +36,7 @@ import loading
 import memgen
 import settings
 import training
+from files import write_atomic
 
 MODEL = ""  # the model folder (or hub id) every variant trains on; not needed with --quick=true
 DATA = "gsm8k"  # the training task and in-domain metric (data.get_task); its validation split gives in_nll
@@ -337,10 +338,7 @@ def write_markdown(path, results, names, cfg, where):
             else:
                 cells.append(f"{x:.4f}" if isinstance(x, float) and c != "wall_s" else str(x))
         lines.append(f"| {r['variant']} | " + " | ".join(cells) + " |")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, "\n".join(lines) + "\n")
 
 
 def plot(out_dir, results, names):

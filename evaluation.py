@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import data
+from files import write_atomic, write_json
 
 MODES = ("vanilla", "lora", "memgen")
 PASS_KS = (1, 2, 4, 8, 16, 32)
@@ -155,15 +156,6 @@ def append_results(path, rows):
         f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         f.flush()
         os.fsync(f.fileno())
-
-
-def write_json(path, obj):
-    """Write JSON to a temp file and rename it: a reader never sees half a file."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, ensure_ascii=False)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 # -----------------------------------------------------------------------------
@@ -415,10 +407,7 @@ def append_markdown(path, cfg, summary):
     cells += [str(summary["n"]), str(summary["skipped"])]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     if not os.path.isfile(path):
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(header)
-        os.replace(tmp, path)
+        write_atomic(path, header)
     with open(path, "a") as f:
         f.write("| " + " | ".join(cells) + " |\n")
 
@@ -452,7 +441,7 @@ def cross_domain_table(base, cfg, summaries):
         lines.append(f"| {r} | " + " | ".join(
             f"{100 * cells[r, d]['pass@1']:.1f} (n={cells[r, d]['n']})" if (r, d) in cells else "" for d in cols)
             + " |")
-    _write_text(base + ".md", "\n".join(lines) + "\n")
+    write_atomic(base + ".md", "\n".join(lines) + "\n")
     paths = [base + ".md"]
     try:
         import matplotlib
@@ -475,10 +464,3 @@ def cross_domain_table(base, cfg, summaries):
     plt.close(fig)
     os.replace(base + ".tmp.png", base + ".png")
     return paths + [base + ".png"]
-
-
-def _write_text(path, text):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)

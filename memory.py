@@ -37,6 +37,8 @@ from collections import Counter, namedtuple
 import torch
 import torch.nn.functional as F
 
+from files import write_atomic, write_json
+
 KINDS = ("memorybank", "expel", "awm")
 FORMAT = 1  # of the memory directory
 # test-time defaults (eval.py exposes them as settings)
@@ -69,20 +71,6 @@ def query_text(task, row):
             return row["question"] + "".join(f"\n{chr(65 + i)}. {c}" for i, c in enumerate(choices))
         return row["question"]
     return "\n".join(m["content"] for m in task.messages(row) if m["role"] == "user")
-
-
-def write_atomic(path, data):
-    """Write str/bytes to path through a temp file and a rename: a kill leaves the old file or the new, never half."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(data.encode("utf-8") if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_json(path, obj):
-    write_atomic(path, json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
 
 
 def write_jsonl(path, rows):

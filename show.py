@@ -32,6 +32,7 @@ import torch.nn.functional as F
 import loading
 import memgen
 import settings
+from files import write_atomic
 
 # -----------------------------------------------------------------------------
 MODEL = ""  # a local Hugging Face model folder or a hub id org/name (required)
@@ -494,12 +495,6 @@ def plots(records, latents, stats, emb_sample, out_dir):
 
 # -----------------------------------------------------------------------------
 # 7. Main: settings, model, problems, files
-
-
-def write_atomic(path, text):
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
 
 
 def load_task(spec, split):

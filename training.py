@@ -35,6 +35,7 @@ import evaluation
 import loading
 import memgen
 import settings
+from files import write_json
 
 SEED_STRIDE = 1_000_003  # every step re-seeds from (seed, step, rank): a resumed run draws what the whole run would
 
@@ -449,14 +450,6 @@ def save_final(out_dir, save):
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     return final
-
-
-def write_json(path, obj):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 class Log:
