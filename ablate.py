@@ -36,7 +36,7 @@ import loading
 import memgen
 import settings
 import training
-from files import write_atomic
+from files import pyplot, save_figure, write_atomic
 
 MODEL = ""  # the model folder (or hub id) every variant trains on; not needed with --quick=true
 DATA = "gsm8k"  # the training task and in-domain metric (data.get_task); its validation split gives in_nll
@@ -344,14 +344,8 @@ def write_markdown(path, results, names, cfg, where):
 def plot(out_dir, results, names):
     """nll_vs_step.png (held-out NLL against step, one line per variant) and in_vs_ood.png (final in-domain vs
     out-of-domain NLL per variant)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(f"{_PROG}: matplotlib is not installed, so no plots (pip install -r requirements-dev.txt)",
-              file=sys.stderr)
+    plt = pyplot(_PROG)
+    if plt is None:
         return []
     paths = []
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -366,7 +360,7 @@ def plot(out_dir, results, names):
     ax.set_ylabel("held-out answer NLL (nats/token)")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    paths.append(_save(fig, os.path.join(out_dir, "nll_vs_step.png")))
+    paths.append(save_figure(fig, os.path.join(out_dir, "nll_vs_step.png")))
     rows = [r for r in final_rows(results, names) if "ood_nll" in r]
     if rows:
         fig, ax = plt.subplots(figsize=(6, 4.5))
@@ -377,19 +371,8 @@ def plot(out_dir, results, names):
         ax.set_xlabel("in-domain NLL (held-out, lower is better)")
         ax.set_ylabel("out-of-domain NLL (lower = less forgetting)")
         ax.grid(alpha=0.3)
-        paths.append(_save(fig, os.path.join(out_dir, "in_vs_ood.png")))
+        paths.append(save_figure(fig, os.path.join(out_dir, "in_vs_ood.png")))
     return paths
-
-
-def _save(fig, path):
-    import matplotlib.pyplot as plt
-
-    tmp = path + ".tmp.png"
-    fig.tight_layout()
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
 
 
 # -----------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import data
-from files import write_atomic, write_json
+from files import pyplot, save_figure, write_atomic, write_json
 
 MODES = ("vanilla", "lora", "memgen")
 PASS_KS = (1, 2, 4, 8, 16, 32)
@@ -443,13 +443,8 @@ def cross_domain_table(base, cfg, summaries):
             + " |")
     write_atomic(base + ".md", "\n".join(lines) + "\n")
     paths = [base + ".md"]
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("evaluation: matplotlib is not installed, so no cross-domain plot", file=sys.stderr)
+    plt = pyplot("evaluation")
+    if plt is None:
         return paths
     fig, ax = plt.subplots(figsize=(1.5 + 1.6 * len(cols), 4))
     width = 0.8 / max(len(rows), 1)
@@ -459,8 +454,4 @@ def cross_domain_table(base, cfg, summaries):
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cols))], cols)
     ax.set_ylabel("pass@1 (%)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(base + ".tmp.png", dpi=110)
-    plt.close(fig)
-    os.replace(base + ".tmp.png", base + ".png")
-    return paths + [base + ".png"]
+    return paths + [save_figure(fig, base + ".png")]

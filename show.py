@@ -32,7 +32,7 @@ import torch.nn.functional as F
 import loading
 import memgen
 import settings
-from files import write_atomic
+from files import pyplot, save_figure, write_atomic
 
 # -----------------------------------------------------------------------------
 MODEL = ""  # a local Hugging Face model folder or a hub id org/name (required)
@@ -435,13 +435,8 @@ def pca2(x):
 
 def plots(records, latents, stats, emb_sample, out_dir):
     """Three PNGs; returns [(file name, caption)], or [] with a one-line message when matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("show.py: matplotlib is not installed (pip install -r requirements-dev.txt): no plots", file=sys.stderr)
+    plt = pyplot("show.py")
+    if plt is None:
         return []
     import numpy as np
 
@@ -450,11 +445,7 @@ def plots(records, latents, stats, emb_sample, out_dir):
     out = []
 
     def save(fig, name, caption):
-        path = os.path.join(out_dir, name)
-        fig.tight_layout()
-        fig.savefig(path + ".tmp", format="png", dpi=100)
-        plt.close(fig)
-        os.replace(path + ".tmp", path)
+        save_figure(fig, os.path.join(out_dir, name), dpi=100)
         out.append((name, caption))
 
     fig, ax = plt.subplots(figsize=(6.4, 3.2))

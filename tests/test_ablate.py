@@ -90,3 +90,15 @@ def test_a_variant_still_at_its_first_point_is_not_drawn_as_a_baseline(tmp_path,
             dict(variant="memgen", step=0, in_nll=1.7, ood_nll=1.8, final=False)]
     ablate.plot(str(tmp_path), rows, ["vanilla", "memgen"])
     assert levels == ["vanilla"]
+
+
+def test_without_matplotlib_the_plots_are_skipped_with_one_message_and_no_files(tmp_path, monkeypatch, capsys):
+    """Plots are a dev-only extra: every plotting site goes through files.pyplot, which says what to install."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
+    rows = [dict(variant="vanilla", step=0, in_nll=1.4, ood_nll=1.1, final=True)]
+    assert ablate.plot(str(tmp_path), rows, ["vanilla"]) == []
+    err = capsys.readouterr().err
+    assert "matplotlib is not installed" in err and "requirements-dev.txt" in err
+    assert os.listdir(tmp_path) == []
