@@ -44,7 +44,7 @@ SEED = 0  # sampling seed (batch i is sampled with SEED + i, so a resumed run ma
 DTYPE = "auto"  # auto (bfloat16 on GPUs and on CPUs with native bf16, else float32) | float32 | bfloat16 | float16
 DEVICE = "auto"  # auto (cuda when a GPU is visible) | cpu | cuda | cuda:N
 OUT_DIR = ""  # the output folder; "" = out/eval/ + a name made of the data, mode, model, adapter and settings
-TABLE = "out/crossdomain"  # with several --data tasks: each run's pass@1 per task goes to TABLE.jsonl, gathered in TABLE.md and TABLE.png ("" = none)
+TABLE = "out/crossdomain"  # pass@1 per task goes to TABLE.jsonl, gathered in TABLE.md and TABLE.png: with several --data tasks, or one and --table given ("" = none)
 RESULTS_MD = "out/results.md"  # the markdown table every run appends its row to; "" = none
 MEMORY = ""  # --mode=memorybank|expel|awm: the memory directory build_memory.py made
 MEMORY_BUDGET = 768  # most tokens of memory text put in front of each problem's prompt

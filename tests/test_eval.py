@@ -275,3 +275,20 @@ def test_several_tasks_in_one_run_fill_the_cross_domain_table(folder, tmp_path):
     assert "(n=2)" in md[3]
     pytest.importorskip("matplotlib")
     assert Path(table + ".png").stat().st_size > 3000
+
+
+def test_one_task_per_run_fills_one_row_when_the_table_is_named(folder, tmp_path, monkeypatch):
+    """Tasks with different limits (GSM8K's first 100, all of HumanEval) are separate runs; each adds its cell to the
+    same policy's row when --table is given, and a one-task run without --table leaves the default table alone."""
+    qa = tmp_path / "sums.jsonl"
+    qa.write_text("".join(json.dumps({"question": f"What is {a} plus 1?", "answer": str(a + 1)}) + "\n"
+                          for a in range(4)))
+    table = str(tmp_path / "cross")
+    run(folder, tmp_path, "--data=gsm8k", "--limit=2", f"--table={table}", f"--out_dir={tmp_path / 'g'}")
+    run(folder, tmp_path, f"--data={qa}", "--limit=3", f"--table={table}", f"--out_dir={tmp_path / 'q'}")
+    md = Path(table + ".md").read_text().splitlines()
+    assert md[0] == "| row | gsm8k pass@1 | sums pass@1 |" and len(md) == 3
+    assert md[2].startswith("| vanilla ") and "(n=2)" in md[2] and "(n=3)" in md[2]
+    monkeypatch.chdir(tmp_path)  # where the default table out/crossdomain would go
+    run(folder, tmp_path, "--data=gsm8k", "--limit=1", f"--out_dir={tmp_path / 'x'}")
+    assert Path(table + ".md").read_text().splitlines() == md and not (tmp_path / "out" / "crossdomain.md").exists()
