@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random Qwen2 / Llama folders written by transformers (the parity oracle), and GSM8K served
-from the 20 + 20 rows shipped in tests/fixtures/gsm8k (tests never need files outside the repository)."""
+from 20 + 20 rows in its format built here (tests never need files outside the repository)."""
 import hashlib
+import json
 import os
 import sys
 from pathlib import Path
@@ -11,24 +12,62 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 SMALL_MODEL = os.environ.get("MEMGEN_SMALL_MODEL")  # a real folder from ../shared/tools/get_small_model.py
-GSM8K_FIXTURE = Path(__file__).resolve().parent / "fixtures" / "gsm8k"  # first 20 rows of each file (LICENSE-gsm8k)
 SHARED_GSM8K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gsm8k"  # the full files, if present
+
+
+# GSM8K's first two training rows (MIT, tests/fixtures/LICENSE-gsm8k; the prompt/target test checks them word for
+# word), then made-up rows in the same format: a question, a rationale with <<calculator>> annotations, "#### answer";
+# decimals and thousands separators included, as the boundary rules need them
+GSM8K_HEAD = [
+    {"question": "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+                 "How many clips did Natalia sell altogether in April and May?",
+     "answer": "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips "
+               "altogether in April and May.\n#### 72"},
+    {"question": "Weng earns $12 an hour for babysitting. Yesterday, she just did 50 minutes of babysitting. "
+                 "How much did she earn?",
+     "answer": "Weng earns 12/60 = $<<12/60=0.2>>0.2 per minute.\nWorking 50 minutes, she earned 0.2 x 50 = "
+               "$<<0.2*50=10>>10.\n#### 10"},
+]
+
+
+def gsm8k_row(i):
+    a, b, price = 3 + 7 * i, 2 + 3 * i, 1.5 + i % 4
+    n = (a + b) * 100
+    return {"question": f"A shop sells {a} red mugs and {b} blue mugs on day {i + 1}, at ${price} each. Every mug "
+                        f"comes in a box of 100 beads. How much money does the shop take, and how many beads "
+                        f"does it hand out?",
+            "answer": f"The shop sells {a}+{b} = <<{a}+{b}={a + b}>>{a + b} mugs.\nThat takes {a + b} x {price} = "
+                      f"$<<{a + b}*{price}={(a + b) * price:g}>>{(a + b) * price:g}.\nIt hands out {a + b} x 100 = "
+                      f"<<{a + b}*100={n}>>{n:,} beads, so the shop takes {(a + b) * price:g}.\n"
+                      f"#### {(a + b) * price:g}"}
+
+
+def write_gsm8k(folder):
+    """20 train and 20 test rows as GSM8K's two files in folder; {split: (file name, sha256, lines)}."""
+    import data.gsm8k
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = {"train": GSM8K_HEAD + [gsm8k_row(i) for i in range(18)], "test": [gsm8k_row(i) for i in range(18, 38)]}
+    files = {}
+    for split, (name, _, _) in data.gsm8k.GSM8K_FILES.items():
+        raw = "".join(json.dumps(r) + "\n" for r in rows[split]).encode()
+        (folder / name).write_bytes(raw)
+        files[split] = (name, hashlib.sha256(raw).hexdigest(), raw.count(b"\n"))
+    return files
 
 
 @pytest.fixture
 def gsm8k_fixture(monkeypatch, tmp_path):
-    """data.gsm8k downloads "GSM8K" from the fixture folder (a file:// URL), its sha256 pins swapped for the
-    fixture files' own, into a private cache: the whole download path runs, on 20 train and 20 test rows."""
+    """data.gsm8k downloads "GSM8K" from a folder of 20 train and 20 test rows written here (a file:// URL), its
+    sha256 pins swapped for those files' own, into a private cache: the whole download path runs."""
     import data.gsm8k
 
-    files = {}
-    for split, (name, _, _) in data.gsm8k.GSM8K_FILES.items():
-        raw = (GSM8K_FIXTURE / name).read_bytes()
-        files[split] = (name, hashlib.sha256(raw).hexdigest(), raw.count(b"\n"))
+    folder = tmp_path / "gsm8k-fixture"
+    files = write_gsm8k(folder)
     monkeypatch.setattr(data.gsm8k, "GSM8K_FILES", files)
-    monkeypatch.setenv("MEMGEN_GSM8K_URL", str(GSM8K_FIXTURE))
+    monkeypatch.setenv("MEMGEN_GSM8K_URL", str(folder))
     monkeypatch.setenv("MEMGEN_CACHE", str(tmp_path / "gsm8k-fixture-cache"))
-    return GSM8K_FIXTURE
+    return folder
 
 
 def pytest_collection_modifyitems(config, items):

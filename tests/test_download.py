@@ -15,7 +15,7 @@ import pytest
 from data import gsm8k
 from data.download import DownloadError, cache_dir, download, resolve_model
 
-from conftest import GSM8K_FIXTURE, SHARED_GSM8K
+from conftest import SHARED_GSM8K, write_gsm8k
 HINT = "; pass --model PATH to a local Hugging Face model folder"
 
 
@@ -71,7 +71,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("www")
-    (root / "gsm8k-fixture").symlink_to(GSM8K_FIXTURE)
+    write_gsm8k(root / "gsm8k-fixture")
     if SHARED_GSM8K.is_dir():
         (root / "gsm8k").symlink_to(SHARED_GSM8K)
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -126,7 +126,7 @@ def test_gsm8k_over_http_checks_the_pinned_sha_and_caches(srv, gsm8k_fixture):
     train = gsm8k.load_split("train", base_url=f"{srv.url}/gsm8k-fixture/")
     test = gsm8k.load_split("test", base_url=f"{srv.url}/gsm8k-fixture")
     assert (len(train), len(test)) == (20, 20)
-    assert train[0]["answer"] == "72" and test[0]["answer"] == "18"
+    assert train[0]["answer"] == "72" and test[0]["answer"] == "647.5"  # conftest.gsm8k_row(18)
     assert (cache_dir() / "gsm8k" / "train.jsonl").is_file()
     assert not (cache_dir() / "gsm8k" / "train.jsonl.part").exists()
     n = len(srv.requests)

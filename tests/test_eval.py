@@ -59,7 +59,7 @@ def test_vanilla_eval_writes_one_graded_row_per_problem_a_summary_and_a_table_ro
         assert set(r) == {"id", "question", "gold", "completions", "correct", "lengths"}
         assert len(r["completions"]) == len(r["correct"]) == len(r["lengths"]) == 1
         assert 0 <= r["lengths"][0] <= 8 and isinstance(r["correct"][0], bool)
-    assert rows[0]["gold"] == "18"
+    assert rows[0]["gold"] == "647.5"  # conftest.gsm8k_row(18)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n"] == 5 and summary["samples"] == 1 and "pass@1" in summary and "pass@2" not in summary
     assert summary["skipped"] == 0 and summary["pass@1"] == sum(r["correct"][0] for r in rows) / 5
