@@ -44,7 +44,7 @@ def naive_forward(mg, ids, prompt_len, points):
     is_lat += [False] * (len(ids) - start)
     with lora.use(model, None):
         _, h = model(inputs_embeds=cur[None])
-    followed_by_latent = torch.tensor(is_lat[1:] + [False])
+    followed_by_latent = torch.tensor(is_lat[1:] + [False], device=h.device)
     return h[0][~followed_by_latent]
 
 
@@ -56,7 +56,7 @@ def naive_generate(mg, tok, prompt, max_new_tokens):
     among the tokens that do not start with a digit.
     """
     model = mg.model
-    seq = model.embed(torch.tensor(prompt))
+    seq = model.embed(torch.tensor(prompt, device=model.device))
     toks, insertions = [], []
 
     def next_token(digits=True):
@@ -82,7 +82,7 @@ def naive_generate(mg, tok, prompt, max_new_tokens):
         toks.append(nxt)
         if nxt in tok.eos_ids:
             break
-        seq = torch.cat([seq, model.embed(torch.tensor([nxt]))])
+        seq = torch.cat([seq, model.embed(torch.tensor([nxt], device=model.device))])
         if bool(mg.is_delim[nxt]) and len(insertions) - 1 < mg.n and t < max_new_tokens - 1:
             in_number = bool(mg.punct_in_number[nxt]) or (bool(mg.just_punct[nxt]) and bool(mg.ends_digit[prev]))
             if mg.boundary == "sentence" and in_number:

@@ -276,7 +276,7 @@ def fit(run, step_fn, validate, save, load):
             v = validate(run)
             if v and run.main:
                 log(step=step, **v)
-                bar.write(f"step {step}: " + ", ".join(f"{k} {x:.4f}" for k, x in v.items()))
+                bar.write(f"{run.prog}: step {step}: " + ", ".join(f"{k} {x:.4f}" for k, x in v.items()))
         if (cfg["save_interval"] and step % cfg["save_interval"] == 0) or step == stop:
             if run.main:
                 write_checkpoint(run.out_dir, step, save, optimizer, cfg["keep_checkpoints"])

@@ -1,9 +1,13 @@
 """
-The equality properties on a GPU, when there is one (marker `cuda`; skipped with the reason otherwise):
-logits = transformers, cached = uncached, MemGen's decode = the naive reference, the training forward and its
-gradients = the per-example reference. float32 on the GPU, so the tolerances are the CPU tests'. Run alone with
-`python -m pytest -m cuda`; in the default suite they run (or skip) like any other test.
+On a GPU, when there is one (marker `cuda`; skipped with the reason otherwise): the equality properties (logits =
+transformers, cached = uncached, MemGen's decode = the naive reference, the training forward and its gradients = the
+per-example reference; float32, so the tolerances are the CPU tests'), and the four stages of the method end to end
+through the entry points in bfloat16. Run alone with `python -m pytest -m cuda`; in the default suite they run (or
+skip) like any other test.
 """
+import json
+import math
+
 import pytest
 import torch
 
@@ -66,3 +70,34 @@ def test_memgen_decode_and_training_forward_on_gpu_equal_the_naive_references(ti
         ref = ref + mg.model.head(hb).sum()
     for g, rg in zip(grads, torch.autograd.grad(ref, params)):
         assert (g - rg).abs().max() <= 1e-3 * max(1.0, rg.abs().max().item())
+
+
+def gpu_entry_points(folder, tmp_path, device, dtype):
+    """MemGen-SFT, GRPO on it, the trigger on that, and eval.py with the learned trigger, each for a step or a few
+    problems, on `device`: every tensor the scripts build along the way must land there. Returns eval's summary."""
+    import eval as ev
+    import train_trigger as tt
+    import train_weaver as tw
+    task = tmp_path / "add.jsonl"
+    task.write_text("".join(json.dumps({"question": f"What is {i} plus {2 * i}?", "answer": str(3 * i)}) + "\n"
+                            for i in range(12)))
+    on = ["--model", folder, "--data", str(task), f"--device={device}", f"--dtype={dtype}", "--progress=false"]
+    train = on + ["--max_len=512", "--max_steps=2", "--batch_size=2", "--val_size=2", "--eval_interval=1", "--final_eval_limit=2",
+                  "--max_new_tokens=6", "--save_interval=1"]
+    runs = {name: str(tmp_path / name) for name in ("sft", "grpo", "trigger", "eval")}
+    res = tw.main(train + ["--out_dir", runs["sft"], "--micro_batch=1"])
+    assert str(res["policy"].model.device).startswith(device)
+    tw.main(train + ["--out_dir", runs["grpo"], "--method=grpo", "--group=2", "--adapter", runs["sft"] + "/final"])
+    tt.main(train + ["--out_dir", runs["trigger"], "--group=2", "--adapter", runs["grpo"] + "/final"])
+    summary = ev.main(on + ["--mode=memgen", "--trigger_mode=learned", "--adapter", runs["trigger"] + "/final",
+                            "--limit=3", "--max_new_tokens=6", "--out_dir", runs["eval"], "--results_md=", "--table="])
+    assert summary["n"] == 3
+    for name in ("sft", "grpo", "trigger"):
+        losses = [r["loss"] for r in map(json.loads, open(f"{runs[name]}/log.jsonl")) if "loss" in r]
+        assert len(losses) == 2 and all(math.isfinite(x) for x in losses), (name, losses)
+    return summary
+
+
+def test_the_entry_points_run_end_to_end_on_the_gpu(long_folder, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    gpu_entry_points(long_folder, tmp_path, DEV, "bfloat16")
