@@ -276,13 +276,17 @@ def fit(run, step_fn, validate, save, load):
             v = validate(run)
             if v and run.main:
                 log(step=step, **v)
-                bar.write(f"{run.prog}: step {step}: " + ", ".join(f"{k} {x:.4f}" for k, x in v.items()))
+                bar.write(f"{run.prog}: {step_line(step, v)}")
         if (cfg["save_interval"] and step % cfg["save_interval"] == 0) or step == stop:
             if run.main:
                 write_checkpoint(run.out_dir, step, save, optimizer, cfg["keep_checkpoints"])
             barrier()
     bar.close()
     return finish(run, step, total, validate, save, log, final_rows)
+
+
+def step_line(step, metrics):
+    return f"step {step}: " + ", ".join(f"{k} {x:.4f}" for k, x in metrics.items())
 
 
 def update(run, optimizer, step, loss):
@@ -313,7 +317,7 @@ def finish(run, step, total, validate, save, log, final_rows):
     v = validate(run)
     if v and run.main:
         log(step=step, **v)
-        run.say(f"step {step}: " + ", ".join(f"{k} {x:.4f}" for k, x in v.items()))
+        run.say(step_line(step, v))
     result.update(v)
     if step == total and run.main:
         final = save_final(run.out_dir, save)

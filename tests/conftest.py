@@ -128,6 +128,15 @@ def tiny(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def add_task(tmp_path_factory):
+    """20 addition problems with one-token-ish answers: targets are short, so a few dozen steps can fit them."""
+    path = tmp_path_factory.mktemp("task") / "add.jsonl"
+    path.write_text("".join(json.dumps({"question": f"What is {3 + i} plus {7 + 2 * i}?", "answer": str(10 + 3 * i)})
+                            + "\n" for i in range(20)))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
 def long_folder(tmp_path_factory):
     """A tiny random Qwen2 folder with room for GSM8K prompts (the `tiny` fixture's models have 256 positions)."""
     path = str(tmp_path_factory.mktemp("tiny-long"))

@@ -72,21 +72,19 @@ def test_memgen_decode_and_training_forward_on_gpu_equal_the_naive_references(ti
         assert (g - rg).abs().max() <= 1e-3 * max(1.0, rg.abs().max().item())
 
 
-def gpu_entry_points(folder, tmp_path, device, dtype):
-    """MemGen-SFT, GRPO on it, the trigger on that, and eval.py with the learned trigger, each for a step or a few
-    problems, on `device`: every tensor the scripts build along the way must land there. Returns eval's summary."""
+def test_the_entry_points_run_end_to_end_on_the_gpu(long_folder, add_task, tmp_path, monkeypatch):
+    """MemGen-SFT, GRPO on it, the trigger on that, and eval.py with the learned trigger, each for two steps or a few
+    problems, in bfloat16 on the GPU: every tensor the scripts build along the way must land there."""
     import eval as ev
     import train_trigger as tt
     import train_weaver as tw
-    task = tmp_path / "add.jsonl"
-    task.write_text("".join(json.dumps({"question": f"What is {i} plus {2 * i}?", "answer": str(3 * i)}) + "\n"
-                            for i in range(12)))
-    on = ["--model", folder, "--data", str(task), f"--device={device}", f"--dtype={dtype}", "--progress=false"]
-    train = on + ["--max_len=512", "--max_steps=2", "--batch_size=2", "--val_size=2", "--eval_interval=1", "--final_eval_limit=2",
-                  "--max_new_tokens=6", "--save_interval=1"]
+    monkeypatch.chdir(tmp_path)
+    on = ["--model", long_folder, "--data", add_task, f"--device={DEV}", "--dtype=bfloat16", "--progress=false"]
+    train = on + ["--max_len=512", "--max_steps=2", "--batch_size=2", "--val_size=2", "--eval_interval=1",
+                  "--final_eval_limit=2", "--max_new_tokens=6", "--save_interval=1"]
     runs = {name: str(tmp_path / name) for name in ("sft", "grpo", "trigger", "eval")}
     res = tw.main(train + ["--out_dir", runs["sft"], "--micro_batch=1"])
-    assert str(res["policy"].model.device).startswith(device)
+    assert str(res["policy"].model.device).startswith(DEV)
     tw.main(train + ["--out_dir", runs["grpo"], "--method=grpo", "--group=2", "--adapter", runs["sft"] + "/final"])
     tt.main(train + ["--out_dir", runs["trigger"], "--group=2", "--adapter", runs["grpo"] + "/final"])
     summary = ev.main(on + ["--mode=memgen", "--trigger_mode=learned", "--adapter", runs["trigger"] + "/final",
@@ -95,9 +93,3 @@ def gpu_entry_points(folder, tmp_path, device, dtype):
     for name in ("sft", "grpo", "trigger"):
         losses = [r["loss"] for r in map(json.loads, open(f"{runs[name]}/log.jsonl")) if "loss" in r]
         assert len(losses) == 2 and all(math.isfinite(x) for x in losses), (name, losses)
-    return summary
-
-
-def test_the_entry_points_run_end_to_end_on_the_gpu(long_folder, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    gpu_entry_points(long_folder, tmp_path, DEV, "bfloat16")

@@ -33,14 +33,8 @@ def folder(long_folder):
 
 
 @pytest.fixture(scope="module")
-def task(tmp_path_factory):
-    """20 addition problems with one-token-ish answers: targets are short, so a few dozen steps can fit them."""
-    path = tmp_path_factory.mktemp("task") / "add.jsonl"
-    with open(path, "w") as f:
-        for i in range(20):
-            a, b = 3 + i, 7 + 2 * i
-            f.write(json.dumps({"question": f"What is {a} plus {b}?", "answer": str(a + b)}) + "\n")
-    return str(path)
+def task(add_task):
+    return add_task
 
 
 def log_rows(out):
