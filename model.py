@@ -24,7 +24,7 @@ import torch.nn.functional as F
 # ----------------------------------------------------------------------------------------------------------------
 # 1. Config
 
-ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama"}
+ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama", "SmolLM3ForCausalLM": "smollm3"}
 
 
 class ModelError(ValueError):
@@ -33,7 +33,7 @@ class ModelError(ValueError):
 
 @dataclass
 class Config:
-    arch: str  # "qwen2" or "llama"
+    arch: str  # "qwen2", "llama" or "smollm3"
     vocab_size: int
     hidden_size: int
     num_layers: int
@@ -47,6 +47,9 @@ class Config:
     qkv_bias: bool  # Qwen2 has biases on q/k/v, Llama does not
     max_positions: int
     name: str = ""  # the model's folder name, recorded in adapter files
+    # per layer: does it rotate q and k? SmolLM3 leaves every fourth layer without position information (NoPE);
+    # empty = every layer does
+    rope_layers: tuple = ()
 
 
 def read_config(path):
@@ -79,11 +82,21 @@ def read_config(path):
     if c.get("use_sliding_window"):
         raise ModelError(f"{file}: use_sliding_window=true is not supported")
     heads = need("num_attention_heads")
+    if c.get("mlp_bias") or (arch == "smollm3" and c.get("attention_bias")):
+        raise ModelError(f"{file}: mlp_bias / attention_bias on a {archs[0]} are not supported")
+    rope_layers, layers = (), need("num_hidden_layers")
+    if arch == "smollm3":
+        # no_rope_layers[i] = 1: layer i uses rotary; without the list, every no_rope_layer_interval-th layer does not
+        every = c.get("no_rope_layer_interval") or 4
+        flags = c.get("no_rope_layers") or [int((i + 1) % every != 0) for i in range(layers)]
+        if len(flags) < layers:
+            raise ModelError(f"{file}: no_rope_layers has {len(flags)} entries for {layers} layers")
+        rope_layers = tuple(bool(f) for f in flags[:layers])
     return Config(
         arch=arch,
         vocab_size=need("vocab_size"),
         hidden_size=need("hidden_size"),
-        num_layers=need("num_hidden_layers"),
+        num_layers=layers,
         num_heads=heads,
         num_kv_heads=c.get("num_key_value_heads") or heads,
         head_dim=c.get("head_dim") or need("hidden_size") // heads,
@@ -94,6 +107,7 @@ def read_config(path):
         qkv_bias=True if arch == "qwen2" else bool(c.get("attention_bias", False)),
         max_positions=need("max_position_embeddings"),
         name=os.path.basename(os.path.normpath(path)),
+        rope_layers=rope_layers,
     )
 
 
@@ -292,8 +306,9 @@ def one_query_attention(q, k, v, mask):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, use_rope=True):
         super().__init__()
+        self.use_rope = use_rope
         self.nh, self.nkv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_proj = nn.Linear(cfg.hidden_size, self.nh * self.hd, bias=cfg.qkv_bias)
         self.k_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=cfg.qkv_bias)
@@ -305,7 +320,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.nh, self.hd).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)
-        q, k = rope(q, cos, sin), rope(k, cos, sin)
+        if self.use_rope:
+            q, k = rope(q, cos, sin), rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # all slots so far, this step's included
         # an explicit boolean mask (True = may attend); never is_causal, which is wrong once a cache is non-empty
@@ -328,10 +344,10 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, use_rope=True):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, use_rope)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
         self.mlp = MLP(cfg)
 
@@ -346,7 +362,8 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.model = nn.Module()  # the checkpoint's "model." prefix
         self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.model.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.model.layers = nn.ModuleList(Block(cfg, not cfg.rope_layers or cfg.rope_layers[i])
+                                          for i in range(cfg.num_layers))
         self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
         # tied models reuse the embedding matrix as the output head, so their checkpoints hold no lm_head.weight
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
