@@ -25,6 +25,7 @@ import data
 import evaluation
 import loading
 import memgen
+import official
 import settings
 from model import pick_dtype
 
@@ -74,6 +75,7 @@ def check(cfg, given):
                                      "(train_weaver.py --method=sft-lora saves it in final/)")
     if cfg["adapter"] and cfg["mode"] == "vanilla":
         raise settings.SettingsError("--adapter is not used by --mode=vanilla; use --mode=lora or --mode=memgen")
+    cfg["adapter"] = official.resolve_adapter(cfg["adapter"])  # an official MemGen checkpoint: converted once
     if cfg["adapter"] and not os.path.isdir(cfg["adapter"]):
         raise settings.SettingsError(f"adapter folder {cfg['adapter']} does not exist; pass the folder a training "
                                      "run saved to")
