@@ -26,6 +26,7 @@ import evaluation
 import loading
 import memgen
 import official
+import sandbox
 import settings
 from model import pick_dtype
 
@@ -137,6 +138,10 @@ def evaluate_task(cfg, task, model, tok, policy, gen_mode):
     print(f"{_PROG}: {cfg['data']}: {len(rows)} problems x {cfg['samples']} samples, mode "
           f"{evaluation.run_label(cfg['mode'], cfg['trigger_mode'])}, model {cfg['model']}, {model.dtype} on "
           f"{model.device} -> {out_dir}", file=sys.stderr)
+    isolation = sandbox.isolation() if hasattr(task, "grade_many") else None  # a task that runs model-written code
+    if isolation:
+        print(f"{_PROG}: sandbox: {', '.join(isolation['layers'])}"
+              + "".join(f"; NOT {m}" for m in isolation["missing"]), file=sys.stderr)
     summary = evaluation.evaluate(policy, tok, task, rows, gen_mode, samples=cfg["samples"],
                                   temperature=cfg["temperature"], top_p=cfg["top_p"],
                                   batch_size=cfg["batch_size"], max_new_tokens=cfg["max_new_tokens"],
@@ -147,12 +152,14 @@ def evaluate_task(cfg, task, model, tok, policy, gen_mode):
     summary["eval_s"] = summary.pop("wall_s")  # generation + grading only; wall_s below includes loading
     summary.update(data=cfg["data"], mode=cfg["mode"], model=cfg["model"], wall_s=round(time.time() - t0, 3),
                    run=run, args=cfg)
+    if isolation:
+        summary["sandbox"] = isolation  # what contained the graded programs (docs/sandbox.md)
     evaluation.write_json(os.path.join(out_dir, "summary.json"), summary)
     if cfg["results_md"]:
         evaluation.append_markdown(cfg["results_md"], cfg, summary)
     width = max(len(k) for k in summary)
     for k, v in summary.items():
-        if k not in ("run", "args"):
+        if k not in ("run", "args", "sandbox"):
             print(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
     print(json.dumps({k: v for k, v in summary.items() if k != "args"}))
     return summary

@@ -1,32 +1,46 @@
-"""sandbox.py: run a Python program that a model wrote, in its own process, with limits.
+"""sandbox.py: run a Python program that a model wrote, in its own process, contained by the kernel where it can.
 
-    run(code, timeout=5.0, memory_mb=1024, cpu_s=None, max_output=10_000, guard=True)
+    run(code, timeout=5.0, memory_mb=1024, cpu_s=None, max_output=10_000, guard=True, kernel=None)
         -> {"ok", "returncode", "timed_out", "stdout", "stderr", "pid"}
     run_many(codes, workers=2, **run_kwargs) -> [result, ...] in the order of codes
+    isolation() -> {"kernel", "layers", "missing"}: what is in force on this machine, measured by a probe program
 
-What each program gets:
+Every program gets:
   - its own interpreter (`python -I -S`: no environment variables, no user or site packages, stdlib only) in a
-    new session, so that on a timeout the whole process group is killed;
-  - a fresh temporary working directory (also HOME and TMPDIR), deleted afterwards; stdin closed; an
+    new session; a fresh temporary working directory (also HOME and TMPDIR), deleted afterwards; stdin closed; an
     environment holding only PATH, LANG, HOME and TMPDIR;
-  - resource limits, set in the child before the program runs: address space (memory_mb), CPU seconds,
-    file size (which also caps stdout/stderr: they go to files), no new processes (RLIMIT_NPROC = 0), no core;
+  - resource limits, set in the child before the program runs: address space (memory_mb), CPU seconds, file size
+    (which also caps stdout/stderr: they go to files), no new processes (RLIMIT_NPROC = 0), no core;
   - a wall-clock timeout; stdout/stderr come back as text, the last max_output bytes of each;
-  - with guard=True (the default) a guard that disables the destructive parts of the standard library
-    (process creation, signals, chown, changing directory, links, ctypes) and refuses to write, delete,
-    rename or chmod files outside the working directory.
+  - with guard=True (the default) a Python guard that disables the destructive parts of the standard library
+    (process creation, signals, chown, changing directory, links, ctypes) and refuses to write, delete, rename or
+    chmod files outside the working directory.
 
-This is a best-effort net for honest mistakes of a model (a runaway loop, a huge allocation, a stray
-os.remove), NOT a security boundary: a determined program can get around a guard written in Python, there is no
-network isolation, and as root Linux does not enforce RLIMIT_NPROC. Run untrusted models in a container or VM.
+With kernel layers (Linux with util-linux `unshare` where namespaces are allowed; kernel=False or the environment
+variable MEMGEN_SANDBOX_KERNEL=0 turns them off) the program also runs
+  - in new network, PID, mount, IPC and UTS namespaces: no network but a loopback that is down; it sees and can
+    signal only its own processes; when it exits or is killed, the namespace's first process (a small supervisor
+    that the program cannot signal) exits and the kernel kills every process the program left behind;
+  - as a uid/gid of its own that owns no files (when the grader is root; then the kernel also enforces
+    RLIMIT_NPROC), or without any capability in a user namespace (when the grader is not root);
+  - with every mount read-only and nosuid, its working directory a small private tmpfs (WORK_MB), and no setuid
+    programs (no_new_privs).
+The guard stays on as a second layer. docs/sandbox.md says what each layer stops and what is still not stopped;
+without the kernel layers (another OS, a kernel or container that forbids namespaces) this is a best-effort net
+for honest mistakes of a model, not a security boundary: a guard written in Python can be walked around from
+Python, and there is no network or file isolation.
 """
 
+import itertools
+import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 # -----------------------------------------------------------------------------
@@ -35,23 +49,122 @@ MEMORY_MB = 1024          # address space; Python itself needs ~30 MB of it
 MIN_MEMORY_MB = 64        # below this the interpreter cannot even start
 MAX_OUTPUT = 10_000       # bytes of stdout and of stderr handed back (the tail: tracebacks and markers are last)
 MAX_FILE_MB = 16          # no file the program writes, stdout/stderr included, grows past this
+MAX_PROCESSES = 0         # RLIMIT_NPROC: 0 = the program cannot start a process (tests raise it to attack the PID layer)
+WORK_MB = 64              # size of the private tmpfs that is the working directory under the kernel layers
 PYTHON_FLAGS = ("-I", "-S")  # isolated mode, no site: faster start and no .pth code from site-packages
 ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
+KERNEL = os.environ.get("MEMGEN_SANDBOX_KERNEL", "1") != "0"  # 0: guard and limits only, even where namespaces work
+UID_BASE = 2_000_000_000  # as root, each program runs as UID_BASE + a number unique among the programs running now
+UNSHARE = shutil.which("unshare", path="/usr/bin:/bin:/usr/sbin:/sbin")
+UNSHARE_FLAGS = ("--net", "--pid", "--mount", "--ipc", "--uts", "--fork", "--kill-child", "--mount-proc")
 
-# The child runs this (python -c RUNNER program.py MEMORY_BYTES CPU_S FSIZE_BYTES GUARD): limits first, then
-# the guard, then the program as __main__. The limits are set here rather than in Popen's preexec_fn because
-# run_many calls Popen from several threads, where preexec_fn is documented as unsafe (it can deadlock).
+# The child runs this (python -c RUNNER program.py MEMORY_BYTES CPU_S FSIZE_BYTES NPROC GUARD CONTAIN WORK_MB
+# STATUS_FD), limits, then the guard, then the program as __main__. The limits are set here rather than in Popen's
+# preexec_fn because run_many calls Popen from several threads, where preexec_fn is documented as unsafe (it can
+# deadlock). CONTAIN is "-" (no kernel layers), a uid (the grader is root) or "userns"; with one of the last two
+# the runner is process 1 of fresh namespaces made by `unshare`, root there, and contain() builds the kernel
+# layers, forks the program's process and reports its wait status on STATUS_FD.
 RUNNER = r'''
-import resource, sys
+import os, resource, sys
 
-_, path, memory, cpu, fsize, guard = sys.argv
+_, path, memory, cpu, fsize, nproc, guard, contain_as, work_mb, status_fd = sys.argv
+with open(path, encoding="utf-8", errors="replace") as f:
+    source = f.read()
+
+
+def contain(contain_as, work_mb, status_fd):
+    import _ctypes  # the C half of ctypes: importing the ctypes package would double the start-up cost
+
+    class Long(_ctypes._SimpleCData):
+        _type_ = "l"  # every argument goes as a C long: syscall() is variadic
+
+    class Libc:
+        _handle = _ctypes.dlopen(None)
+
+    def libc(name):
+        class Function(_ctypes.CFuncPtr):
+            _flags_ = _ctypes.FUNCFLAG_CDECL | _ctypes.FUNCFLAG_USE_ERRNO
+            _restype_ = Long
+        function = Function((name, Libc))
+
+        def call(*args):
+            if function(*[Long(a) if isinstance(a, int) else a for a in args]) == -1:
+                e = _ctypes.get_errno()
+                raise OSError(e, f"memgen sandbox: {name}{args[:2]}: {os.strerror(e)}")
+        return call
+
+    mount, syscall, prctl, capset = libc("mount"), libc("syscall"), libc("prctl"), libc("capset")
+    MS_NOSUID, MS_NODEV, MS_BIND, MS_REC = 2, 4, 4096, 16384
+    ATTR_RDONLY, ATTR_NOSUID, AT_RECURSIVE, SYS_MOUNT_SETATTR = 1, 2, 0x8000, 442  # 442 on x86-64 and arm64
+
+    def read_only(where):  # mount_setattr(2): every mount at and below `where` read-only and nosuid
+        attr = b"".join(n.to_bytes(8, sys.byteorder) for n in (ATTR_RDONLY | ATTR_NOSUID, 0, 0, 0))
+        try:
+            syscall(SYS_MOUNT_SETATTR, -100, os.fsencode(where), AT_RECURSIVE, attr, len(attr))  # -100: AT_FDCWD
+        except OSError as e:
+            if e.errno != 38:  # ENOSYS (Linux < 5.12): no read-only layer; isolation() reports it
+                raise
+
+    uid = None if contain_as == "userns" else int(contain_as)
+    work = os.getcwd()
+    os.umask(0o022)
+    read_only("/")
+    if uid is not None:
+        # The stdlib must stay readable for the program's uid. Python is often installed under a folder others may
+        # not pass through (pyenv or conda in /root): lay a tmpfs over that folder holding only the stdlib folders
+        # (bound from their real places) and the working directory's mount point.
+        needed = sorted(p for p in sys.path if os.path.isdir(p))
+        needed = [p for p in needed if not any(p.startswith(q + "/") for q in needed)] + [work]
+        tops = {}
+        for p in needed:
+            ancestor = "/"
+            for part in p.strip("/").split("/")[:-1]:
+                ancestor = os.path.join(ancestor, part)
+                if not os.stat(ancestor).st_mode & 0o001:
+                    tops.setdefault(ancestor, []).append(p)
+                    break
+        for top, paths in tops.items():
+            fds = {p: os.open(p, os.O_PATH) for p in paths if p != work}
+            mount(b"tmpfs", os.fsencode(top), b"tmpfs", MS_NOSUID | MS_NODEV, b"mode=0755,size=1m")
+            for p in paths:
+                os.makedirs(p, mode=0o755, exist_ok=True)
+                if p in fds:
+                    mount(f"/proc/self/fd/{fds[p]}".encode(), os.fsencode(p), None, MS_BIND | MS_REC, None)
+                    os.close(fds[p])
+            read_only(top)
+    owner = "" if uid is None else f",uid={uid},gid={uid}"
+    mount(b"tmpfs", os.fsencode(work), b"tmpfs", MS_NOSUID | MS_NODEV,
+          f"size={work_mb}m,nr_inodes=65536,mode=0700{owner}".encode())
+    os.chdir(work)  # into the tmpfs that now covers it
+
+    pid = os.fork()
+    if pid:  # the supervisor: wait, report, exit; the kernel then kills whatever the program left behind
+        status = os.waitpid(pid, 0)[1]
+        os.write(status_fd, str(status).encode())
+        os._exit(0)
+    os.close(status_fd)
+    if uid is None:  # user namespace: drop every capability from all sets, for good
+        for cap in range(64):
+            try:
+                prctl(24, cap, 0, 0, 0)  # PR_CAPBSET_DROP
+            except OSError:
+                break  # EINVAL: past the last capability
+        capset((0x20080522).to_bytes(4, sys.byteorder) + bytes(4), bytes(24))  # version 3, this process: all zero
+    else:  # root gives up its identity (and with it every capability) for a uid that owns nothing
+        os.setgroups([])
+        os.setresgid(uid, uid, uid)
+        os.setresuid(uid, uid, uid)
+    prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS: executing a setuid program or one with file capabilities gains nothing
+
+
+if contain_as != "-":
+    contain(contain_as, int(work_mb), int(status_fd))
+del contain
 for what, n in ((resource.RLIMIT_AS, memory), (resource.RLIMIT_CPU, cpu), (resource.RLIMIT_FSIZE, fsize),
-                (resource.RLIMIT_NPROC, 0), (resource.RLIMIT_CORE, 0)):
+                (resource.RLIMIT_NPROC, nproc), (resource.RLIMIT_CORE, 0)):
     hard = resource.getrlimit(what)[1]
     n = int(n) if hard == resource.RLIM_INFINITY else min(int(n), hard)
     resource.setrlimit(what, (n, n))  # soft = hard: the program cannot raise them again
-with open(path, encoding="utf-8", errors="replace") as f:
-    source = f.read()
 
 
 def install_guard(root):
@@ -128,6 +241,38 @@ exec(compile(source, path, "exec"), {"__name__": "__main__", "__file__": path, "
 '''
 
 
+# Run under the kernel layers (with guard=False) by isolation(): checks from the inside which layers took effect.
+PROBE = r'''
+import errno, json, os, socket
+layers = []
+try:
+    socket.create_connection(("127.0.0.1", 9), timeout=2).close()
+except OSError as e:
+    if e.errno == errno.ENETUNREACH:  # a loopback that is down: no route even to ourselves
+        layers.append("network namespace")
+if os.getpid() == 2 and {p for p in os.listdir("/proc") if p.isdigit()} <= {"1", "2"}:
+    layers.append("pid namespace")
+outside = os.path.dirname(os.path.dirname(os.getcwd()))  # the grader's temporary folder
+if all(os.statvfs(p).f_flag & os.ST_RDONLY for p in ("/", outside)) and not os.statvfs(".").f_flag & os.ST_RDONLY:
+    layers.append("read-only filesystem")
+status = dict(line.split(":\t", 1) for line in open("/proc/self/status").read().splitlines() if ":\t" in line)
+if os.getuid() != 0:
+    layers.append("unprivileged uid")
+elif open("/proc/self/uid_map").read().split() != ["0", "0", "4294967295"] and int(status["CapEff"], 16) == 0:
+    layers.append("user namespace without capabilities")
+try:
+    pid = os.fork()
+except OSError:
+    layers.append("process limit")
+else:
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+print(json.dumps(layers))
+'''
+KERNEL_LAYERS = ("network namespace", "pid namespace", "read-only filesystem", "unprivileged uid", "process limit")
+
+
 class SandboxError(ValueError):
     """A bad argument to run/run_many; the message names it."""
 
@@ -162,15 +307,27 @@ def _kill_group(pgid):
         pass  # the group is already gone
 
 
-def run(code, timeout=TIMEOUT_S, memory_mb=MEMORY_MB, cpu_s=None, max_output=MAX_OUTPUT, guard=True):
-    """Run `code` as a Python program in a fresh sandboxed process and wait for it (at most `timeout` s).
+def _kill_supervisor(unshare_pid):
+    """SIGKILL the namespaces' process 1 (unshare's child): the kernel then kills every process in them before
+    unshare can reap it, so waiting for unshare afterwards waits for all of them. False if there is none yet."""
+    try:
+        with open(f"/proc/{unshare_pid}/task/{unshare_pid}/children") as f:
+            children = [int(pid) for pid in f.read().split()]
+    except OSError:
+        return False
+    for pid in children:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return bool(children)
 
-    cpu_s defaults to ceil(timeout) + 1 (a backstop: the wall clock normally fires first). guard=False leaves
-    the standard library intact (tests use it to check the OS limits alone). Returns a dict:
-    ok (exit code 0 and no timeout), returncode (negative: killed by that signal), timed_out, stdout, stderr,
-    pid (also the id of the process group, which is gone when run returns).
-    """
-    _check(code, timeout, memory_mb, cpu_s, max_output)
+
+_run_numbers = itertools.count()  # next() on it is atomic under the GIL: run_many's threads get distinct numbers
+
+
+def _execute(code, timeout, memory_mb, cpu_s, max_output, guard, mode):
+    """run() once its arguments are checked; mode: None (guard and limits only), "uid" or "userns"."""
     cpu_s = cpu_s if cpu_s is not None else math.ceil(timeout) + 1
     with tempfile.TemporaryDirectory(prefix="memgen-sandbox-") as root:
         work = os.path.join(root, "work")  # the program's cwd; its own source and outputs sit beside it
@@ -179,20 +336,112 @@ def run(code, timeout=TIMEOUT_S, memory_mb=MEMORY_MB, cpu_s=None, max_output=MAX
         with open(program, "w", encoding="utf-8", errors="replace") as f:  # lone surrogates -> '?'
             f.write(code)
         out_path, err_path = os.path.join(root, "stdout"), os.path.join(root, "stderr")
+        contain_as = "-" if mode is None else mode
+        if mode == "uid":  # distinct among the programs running now (several threads, several graders)
+            contain_as = str(UID_BASE + (os.getpid() % 1000) * 1000 + next(_run_numbers) % 1000)
+            os.chmod(root, 0o711)  # that uid may pass through to its working directory, not list or write here
+        status_r, status_w = os.pipe() if mode else (-1, -1)
         args = [sys.executable, *PYTHON_FLAGS, "-c", RUNNER, program, str(memory_mb << 20), str(cpu_s),
-                str(MAX_FILE_MB << 20), "1" if guard else "0"]
-        with open(out_path, "wb") as out, open(err_path, "wb") as err:
-            proc = subprocess.Popen(args, cwd=work, env={**ENV, "HOME": work, "TMPDIR": work},
-                                    stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True)
-            try:
-                proc.wait(timeout)
-                timed_out = False
-            except subprocess.TimeoutExpired:
-                timed_out = True
-            _kill_group(proc.pid)  # on a timeout the program; otherwise any process it left behind
-            returncode = proc.wait()
+                str(MAX_FILE_MB << 20), str(MAX_PROCESSES), "1" if guard else "0", contain_as, str(WORK_MB),
+                str(status_w)]
+        if mode:
+            args = [UNSHARE, *UNSHARE_FLAGS, *(("--user", "--map-root-user") if mode == "userns" else ()), *args]
+        try:
+            with open(out_path, "wb") as out, open(err_path, "wb") as err:
+                proc = subprocess.Popen(args, cwd=work, env={**ENV, "HOME": work, "TMPDIR": work},
+                                        stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True,
+                                        pass_fds=(status_w,) if mode else ())
+                if mode:
+                    os.close(status_w)
+                    status_w = -1
+                try:
+                    proc.wait(timeout)
+                    timed_out = False
+                except subprocess.TimeoutExpired:
+                    timed_out = True
+                    if mode and _kill_supervisor(proc.pid):
+                        try:
+                            proc.wait(10)  # returns once the kernel has killed the whole namespace
+                        except subprocess.TimeoutExpired:
+                            pass
+                _kill_group(proc.pid)  # on a timeout the program; otherwise any process it left behind
+                returncode = proc.wait()
+            if mode:
+                os.set_blocking(status_r, False)
+                try:
+                    status = os.read(status_r, 64)
+                except BlockingIOError:
+                    status = b""
+                # unshare itself cannot pass on a death by signal (it exits 1): the supervisor reports it
+                returncode = (os.waitstatus_to_exitcode(int(status)) if status else
+                              -signal.SIGKILL if timed_out else returncode)
+        finally:
+            for fd in (status_r, status_w):
+                if fd >= 0:
+                    os.close(fd)
         return {"ok": returncode == 0 and not timed_out, "returncode": returncode, "timed_out": timed_out,
                 "stdout": _tail(out_path, max_output), "stderr": _tail(err_path, max_output), "pid": proc.pid}
+
+
+_probed = {}  # "mode" and "isolation", filled once by _probe
+_probe_lock = threading.Lock()
+
+
+def _probe():
+    """Which kernel layers this machine gives (once per process): run PROBE under them and read what it saw."""
+    with _probe_lock:
+        if _probed:
+            return _probed
+        mode, layers, why = None, [], None
+        if not sys.platform.startswith("linux"):
+            why = f"not Linux ({sys.platform})"
+        elif UNSHARE is None:
+            why = "util-linux `unshare` not found"
+        else:
+            mode = "uid" if os.geteuid() == 0 else "userns"
+            r = _execute(PROBE, 20.0, MEMORY_MB, None, MAX_OUTPUT, False, mode)
+            try:
+                layers = json.loads(r["stdout"].strip().splitlines()[-1]) if r["ok"] else None
+            except (ValueError, IndexError):
+                layers = None
+            if layers is None:
+                lines = r["stderr"].strip().splitlines()
+                mode, layers, why = None, [], f"unshare failed ({lines[-1] if lines else r['returncode']})"
+        missing = []
+        for name in KERNEL_LAYERS:
+            if name not in layers:
+                missing.append(f"{name}: " + (why if mode is None else
+                                              "the grader is not root: the program keeps the grader's uid in a user "
+                                              "namespace" if name == "unprivileged uid" and mode == "userns" else
+                                              "not in force on this machine (docs/sandbox.md)"))
+        _probed.update(mode=mode, isolation={"kernel": mode is not None,
+                                             "layers": layers + ["resource limits", "python guard"],
+                                             "missing": missing})
+        return _probed
+
+
+def isolation(kernel=None):
+    """What contains a program that run() starts here: {"kernel": bool, "layers": [what is in force],
+    "missing": ["layer: why not"]}. kernel=None follows KERNEL (MEMGEN_SANDBOX_KERNEL), False: guard and limits only."""
+    if not (KERNEL if kernel is None else kernel):
+        return {"kernel": False, "layers": ["resource limits", "python guard"],
+                "missing": [f"{name}: kernel layers turned off (kernel=False or MEMGEN_SANDBOX_KERNEL=0)"
+                            for name in KERNEL_LAYERS]}
+    return json.loads(json.dumps(_probe()["isolation"]))  # a copy: callers may change theirs
+
+
+def run(code, timeout=TIMEOUT_S, memory_mb=MEMORY_MB, cpu_s=None, max_output=MAX_OUTPUT, guard=True, kernel=None):
+    """Run `code` as a Python program in a fresh sandboxed process and wait for it (at most `timeout` s).
+
+    cpu_s defaults to ceil(timeout) + 1 (a backstop: the wall clock normally fires first). guard=False leaves
+    the standard library intact (tests use it to check the layers below alone); kernel=False runs without the
+    kernel layers (None: as KERNEL says, where the machine allows them). Returns a dict: ok (exit code 0 and no
+    timeout), returncode (negative: killed by that signal), timed_out, stdout, stderr, pid (also the id of the
+    process group; it and every process the program started are gone when run returns).
+    """
+    _check(code, timeout, memory_mb, cpu_s, max_output)
+    mode = _probe()["mode"] if (KERNEL if kernel is None else kernel) else None
+    return _execute(code, timeout, memory_mb, cpu_s, max_output, guard, mode)
 
 
 def run_many(codes, workers=2, **run_kwargs):
@@ -205,5 +454,7 @@ def run_many(codes, workers=2, **run_kwargs):
                run_kwargs.get("cpu_s"), run_kwargs.get("max_output", MAX_OUTPUT))
     if not codes:
         return []
+    if run_kwargs.get("kernel", KERNEL) is not False:
+        _probe()  # once, before the threads start
     with ThreadPoolExecutor(max_workers=min(workers, len(codes))) as pool:
         return list(pool.map(lambda code: run(code, **run_kwargs), codes))

@@ -1,11 +1,23 @@
-"""sandbox.py: limits, the guard, cleanup. Each escape attempt is checked from the outside: a snapshot of a
-folder in pytest's tmp_path (a sentinel file and a sentinel folder) must be unchanged afterwards."""
+"""sandbox.py: limits, the guard, the kernel layers, cleanup. Each escape attempt is checked from the outside: a
+snapshot of a folder in pytest's tmp_path (a sentinel file and a sentinel folder) must be unchanged afterwards, a
+file must not appear, a process must still be alive or must be gone. Attacks on a kernel layer skip, naming the
+reason, where this machine does not give that layer (sandbox.isolation() says which); each such attack also runs
+with kernel=False where that is safe, to show that the check would see it get through."""
 
+import functools
+import json
 import os
+import random
 import resource
+import shutil
 import signal
+import socket
+import subprocess
+import sys
+import tempfile
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +25,18 @@ import sandbox
 from sandbox import SandboxError, run, run_many
 
 GUARD_MESSAGE = "memgen sandbox:"
+
+
+@functools.cache
+def isolation():
+    return sandbox.isolation()
+
+
+def require(*layers):
+    """Skip the calling test unless every named kernel layer is in force here; the reason says why it is not."""
+    missing = [m for m in isolation()["missing"] if m.split(":")[0] in layers]
+    if missing:
+        pytest.skip("; ".join(missing))
 
 
 def live_members(pgid):
@@ -141,8 +165,9 @@ def test_fork_bomb_is_blocked_by_the_guard(outside):
     assert snapshot(outside) == before
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="Linux does not enforce RLIMIT_NPROC for root")
 def test_fork_is_refused_by_rlimit_nproc_without_the_guard():
+    if os.geteuid() == 0:
+        require("process limit")  # for root Linux does not enforce RLIMIT_NPROC: only the kernel layers' uid does
     code = """
         import os
         try:
@@ -188,19 +213,27 @@ ESCAPES = {
 }
 
 
+LAYERS = {"guard alone": {"kernel": False}, "guard and kernel": {}, "kernel alone": {"guard": False}}
+
+
+@pytest.mark.parametrize("layers", LAYERS)
 @pytest.mark.parametrize("name", ESCAPES)
-def test_escape_is_contained(name, outside):
+def test_escape_is_contained(name, layers, outside):
+    if layers == "kernel alone":
+        require("read-only filesystem", "process limit")
     before = snapshot(outside)
-    r = run(program(ESCAPES[name], outside))
-    assert not r["ok"], r
-    assert GUARD_MESSAGE in r["stderr"] or "ctypes" in r["stderr"], r["stderr"]
-    assert snapshot(outside) == before
+    r = run(program(ESCAPES[name], outside), **LAYERS[layers])
+    if layers == "guard alone":  # the guard still works where there are no namespaces
+        assert not r["ok"], r
+        assert GUARD_MESSAGE in r["stderr"] or "ctypes" in r["stderr"], r["stderr"]
+    assert snapshot(outside) == before  # (kernel alone: os.system just returns -1 when it cannot fork)
 
 
 def test_the_snapshot_would_see_an_escape_without_the_guard(outside):
     # proves the checks above can fail: with the guard off the same writes go through
     before = snapshot(outside)
-    r = run(program("open('{new}', 'w').write('x')\nopen('{sentinel}', 'a').write('x')", outside), guard=False)
+    r = run(program("open('{new}', 'w').write('x')\nopen('{sentinel}', 'a').write('x')", outside), guard=False,
+            kernel=False)
     assert r["ok"], r["stderr"]
     after = snapshot(outside)
     assert after != before and "new.txt" in after
@@ -298,3 +331,249 @@ def test_bad_arguments(call, message):
     with pytest.raises(SandboxError, match=message) as e:
         call()
     assert isinstance(e.value, ValueError)
+
+
+# -----------------------------------------------------------------------------
+# the kernel layers: attacks that walk around the guard, or that it never covered
+
+@pytest.fixture
+def open_dir():
+    """A world-writable folder outside pytest's private tmp_path: any uid may write here, so only a read-only
+    mount keeps a program out."""
+    d = Path(tempfile.mkdtemp(prefix="memgen-test-"))
+    d.chmod(0o777)
+    yield d
+    shutil.rmtree(d)
+
+
+LOW_LEVEL_WRITE = "import _io\n_io.FileIO('{target}', 'w').write(b'x')"  # the C file object under the patched open
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+def test_write_through_a_low_level_file_api(kernel, open_dir):
+    if kernel:
+        require("read-only filesystem")
+    r = run(LOW_LEVEL_WRITE.format(target=open_dir / "new.txt"), kernel=kernel)
+    if kernel:
+        assert not r["ok"] and "Read-only file system" in r["stderr"], r
+        assert not (open_dir / "new.txt").exists()
+    else:  # the guard alone misses this route: the check above can fail
+        assert r["ok"] and (open_dir / "new.txt").exists(), r
+
+
+REIMPORT = """
+    import sys
+    for name in ("os", "posix"):  # the guard patched these module objects; a re-import builds unpatched ones
+        del sys.modules[name]
+    import posix
+    print("system:", posix.system("touch {open_dir}/by_system"), flush=True)  # fork + exec of a shell
+    posix.execv("/bin/sh", ["sh", "-c", "echo hi > {open_dir}/by_exec"])  # no fork: the shell replaces us
+"""
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+def test_reimporting_a_blocked_module(kernel, open_dir):
+    if kernel:
+        require("read-only filesystem", "process limit")
+    r = run(textwrap.dedent(REIMPORT).format(open_dir=open_dir), kernel=kernel)
+    made = sorted(os.listdir(open_dir))
+    if kernel:
+        assert made == [] and "system: 0" not in r["stdout"], r
+    else:
+        assert made == ["by_exec", "by_system"], r
+
+
+CONNECT = """
+    import socket
+    try:
+        socket.create_connection(("127.0.0.1", {port}), timeout=2).sendall(b"hello")
+        print("connected")
+    except OSError as e:
+        print("refused:", e)
+"""
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+def test_tcp_connection_to_a_server_on_the_loopback(kernel):
+    if kernel:
+        require("network namespace")
+    with socket.socket() as server:  # listen() alone completes connections: no thread, nothing left running
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        r = run(textwrap.dedent(CONNECT).format(port=server.getsockname()[1]), kernel=kernel)
+        server.setblocking(False)
+        try:
+            server.accept()[0].close()
+            reached = True
+        except BlockingIOError:
+            reached = False
+    assert reached == (not kernel) and ("connected" in r["stdout"]) == (not kernel), r
+    if kernel:
+        assert "Network is unreachable" in r["stdout"]
+
+
+def survivors(marker):
+    """Pids of live processes whose command line is `sleep <marker>`."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read()
+            with open(f"/proc/{pid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if cmdline == b"sleep\0" + marker.encode() + b"\0" and state != "Z":
+            pids.append(int(pid))
+    return pids
+
+
+OUTLIVE = """
+    import os
+    if os.fork() == 0:
+        os.setsid()  # a session of its own: out of the process group that the grader kills
+        os.execv("/bin/sleep", ["sleep", "{marker}"])
+    print("parent done", flush=True)
+    while {loop}:
+        pass
+"""
+
+
+@pytest.mark.parametrize("ending", ["exits", "times out"])
+@pytest.mark.parametrize("kernel", [True, False])
+def test_a_process_that_outlives_the_program_is_gone_when_run_returns(kernel, ending, monkeypatch):
+    if kernel:
+        require("pid namespace")
+    elif os.geteuid() != 0:
+        pytest.skip("the control needs fork without the kernel layers, which RLIMIT_NPROC forbids when not root")
+    monkeypatch.setattr(sandbox, "MAX_PROCESSES", 20)  # let it fork: this attacks the PID namespace, not the limit
+    marker = f"{40 + random.random():.9f}"  # seconds to sleep, and a command line no other process has
+    try:
+        r = run(textwrap.dedent(OUTLIVE).format(marker=marker, loop=ending == "times out"), timeout=1.0,
+                guard=False, kernel=kernel)
+        assert "parent done" in r["stdout"] and r["timed_out"] == (ending == "times out"), r
+        assert bool(survivors(marker)) == (not kernel)  # today's process-group kill misses the new session
+    finally:
+        for pid in survivors(marker):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_signals_to_the_grader_and_its_processes():
+    require("pid namespace")
+    victim = subprocess.Popen(["sleep", "30"])  # a process of the grader's, with the grader's uid
+    code = f"""
+        import os, signal
+        for pid, sig in (({victim.pid}, signal.SIGKILL), ({os.getpid()}, 0), ({os.getppid()}, signal.SIGKILL)):
+            try:
+                os.kill(pid, sig)
+                print("signalled", pid)
+            except OSError as e:
+                print("refused", type(e).__name__)
+        os.kill(-1, signal.SIGKILL)  # every process it may signal: inside its namespace, only its own
+        print("still here")
+    """
+    try:
+        r = run(textwrap.dedent(code), guard=False)
+        time.sleep(0.2)  # a SIGKILL that got through would have landed by now
+        assert victim.poll() is None, r
+        assert r["stdout"].count("refused ProcessLookupError") == 3 and "signalled" not in r["stdout"], r
+    finally:
+        victim.kill()
+        victim.wait()
+
+
+def test_reading_a_file_only_the_graders_user_may_read():
+    require("unprivileged uid")
+    folder = Path(tempfile.mkdtemp(prefix="memgen-test-"))
+    try:
+        folder.chmod(0o755)
+        (folder / "public.txt").write_text("public words")
+        (folder / "secret.txt").write_text("secret words")
+        (folder / "secret.txt").chmod(0o600)
+        code = f"""
+            print(open("{folder}/public.txt").read())
+            try:
+                print(open("{folder}/secret.txt").read())
+            except PermissionError:
+                print("refused")
+        """
+        r = run(textwrap.dedent(code), guard=False)
+        assert r["stdout"] == "public words\nrefused\n", r
+        if os.geteuid() == 0:  # control: without its own uid the program reads what root reads
+            assert "secret words" in run(textwrap.dedent(code), guard=False, kernel=False)["stdout"]
+    finally:
+        shutil.rmtree(folder)
+
+
+def test_fork_bomb_as_root():
+    require("process limit")
+    code = """
+        import os, time
+        n = 0
+        try:
+            for _ in range(10_000):
+                if os.fork() == 0:
+                    time.sleep(30)
+                    os._exit(0)
+                n += 1
+        except OSError as e:
+            print("refused after", n, e.strerror)
+    """
+    t0 = time.monotonic()
+    r = run(textwrap.dedent(code), guard=False, timeout=10.0)
+    assert r["ok"] and r["stdout"].startswith("refused after 0 "), r
+    assert time.monotonic() - t0 < 5 and group_gone(r["pid"])
+
+
+# -----------------------------------------------------------------------------
+# what is in force, and turning the kernel layers off
+
+def test_isolation_reports_what_a_program_sees():
+    iso = isolation()
+    kernel_layers = set(sandbox.KERNEL_LAYERS) | {"user namespace without capabilities"}
+    assert set(iso["layers"]) <= kernel_layers | {"resource limits", "python guard"}
+    assert iso["layers"][-2:] == ["resource limits", "python guard"]
+    for name in sandbox.KERNEL_LAYERS:  # each layer is either in force or named as missing, with a reason
+        assert (name in iso["layers"]) + sum(m.startswith(f"{name}: ") for m in iso["missing"]) == 1
+    assert iso["kernel"] or not set(iso["layers"]) & kernel_layers
+    pid = int(run("import os\nprint(os.getpid())")["stdout"])
+    assert (pid == 2) == ("pid namespace" in iso["layers"])
+    assert int(run("import os\nprint(os.getpid())", kernel=False)["stdout"]) != 2
+
+
+def test_kernel_layers_turn_off(monkeypatch):
+    off = sandbox.isolation(kernel=False)
+    assert off["kernel"] is False and off["layers"] == ["resource limits", "python guard"]
+    assert len(off["missing"]) == len(sandbox.KERNEL_LAYERS) and all("turned off" in m for m in off["missing"])
+    monkeypatch.setattr(sandbox, "KERNEL", False)
+    assert sandbox.isolation() == off
+    r = run("import os\nprint(len([p for p in os.listdir('/proc') if p.isdigit()]) > 2, os.getuid())")
+    assert r["stdout"] == f"True {os.getuid()}\n"  # it sees the machine's processes and keeps our uid
+    env = {**os.environ, "MEMGEN_SANDBOX_KERNEL": "0"}
+    out = subprocess.run([sys.executable, "-c", "import sandbox; print(sandbox.isolation()['kernel'])"], env=env,
+                         capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert out.stdout == "False\n", out.stderr
+
+
+def test_user_namespace_mode_as_a_grader_that_is_not_root():
+    # the mode a non-root grader gets; forced here so that a root machine tests it too (as root the uid is
+    # still root's, so the process limit is not enforced in this mode: that part only holds for a real user)
+    require("pid namespace")
+    r = sandbox._execute(sandbox.PROBE, 20.0, sandbox.MEMORY_MB, None, sandbox.MAX_OUTPUT, False, "userns")
+    if not r["ok"]:
+        pytest.skip(f"no user namespaces here: {r['stderr'].strip()}")
+    assert set(r["stdout"].strip()[1:-1].replace('"', "").split(", ")) >= {
+        "network namespace", "pid namespace", "read-only filesystem", "user namespace without capabilities"}, r
+
+
+def test_eval_prints_and_records_what_contains_the_graded_code(long_folder, tmp_path, monkeypatch, capsys):
+    import eval as ev
+
+    monkeypatch.chdir(tmp_path)
+    fixture = Path(__file__).parent / "fixtures" / "humaneval5.jsonl"
+    summary = ev.main(["--model", long_folder, "--data", f"humaneval:{fixture}", "--limit", "2", "--max-new-tokens",
+                       "4", "--dtype", "float32", "--progress=false", "--results-md", ""])
+    assert summary["sandbox"] == sandbox.isolation()
+    saved = json.loads(next(tmp_path.glob("out/eval/*/summary.json")).read_text())
+    assert saved["sandbox"] == summary["sandbox"]
+    assert f"sandbox: {', '.join(summary['sandbox']['layers'])}" in capsys.readouterr().err
