@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 import loading
 import memgen
+import official
 import settings
 from files import pyplot, save_figure, write_atomic
 
@@ -504,7 +505,7 @@ def load_task(spec, split):
 def build_memgen(model, tok, cfg, given):
     """A MemGen with the adapter's weaver (and trigger, when the folder holds one) or MemGen's random
     initialisation, and the adapter's json files for the pages."""
-    folder = cfg["adapter"]
+    folder = official.resolve_adapter(cfg["adapter"])  # an official MemGen checkpoint: converted once
     if not folder:
         if cfg["trigger_mode"] == "learned":
             raise ShowError("--trigger_mode=learned needs a trained trigger: pass --adapter with trigger.safetensors")

@@ -27,6 +27,7 @@ import data
 import evaluation
 import loading
 import memgen
+import official
 import settings
 import training
 
@@ -74,6 +75,7 @@ def check(cfg):
     if not cfg["adapter"]:
         raise settings.SettingsError("--adapter is required: the final/ folder of a MemGen weaver run "
                                      "(train_weaver.py --method=sft or grpo), which holds weaver.safetensors")
+    cfg["adapter"] = official.resolve_adapter(cfg["adapter"])  # an official MemGen checkpoint: converted once
     if not os.path.isfile(os.path.join(cfg["adapter"], "weaver.safetensors")):
         raise settings.SettingsError(f"--adapter={cfg['adapter']}: no weaver.safetensors there; pass the final/ "
                                      "folder of a MemGen (sft/grpo) weaver run")

@@ -79,7 +79,8 @@ class Reference:
 
         self.reasoner = hf()
         self.weaver = PeftModel.from_pretrained(hf(), str(folder / "weaver" / "weaver"), adapter_name="weaver").eval()
-        self.trigger = PeftModel.from_pretrained(hf(), str(folder / "trigger" / "trigger"), adapter_name="trigger").eval()
+        self.trigger = PeftModel.from_pretrained(hf(), str(folder / "trigger" / "trigger"),
+                                                 adapter_name="trigger").eval()
         projs = torch.load(folder / "projs.bin", weights_only=True)
         w = torch.load(folder / "weaver.bin", weights_only=True)
         D = w["prompt_query_latents"].shape[1]
@@ -344,3 +345,19 @@ def test_our_folders_and_mistyped_paths_pass_through_without_network(tmp_path, m
     for name in ("", str(tmp_path / "ours"), "out/sft-gsm8k-M/final", "no/such/dir", "./x/weaver-sft/y"):
         assert official.resolve_adapter(name) == name
     assert official.is_hub_path("Kana-s/MemGen/SmolLM3-3B/kodcode/weaver-sft")
+
+
+def test_show_pages_an_official_checkpoint(long_folder, tmp_path, cache):
+    pytest.importorskip("matplotlib")
+    import show
+    from test_show import write_task
+
+    folder = build_official(tmp_path / "ck", long_folder, seed=2)
+    task, out = str(tmp_path / "task.jsonl"), tmp_path / "out"
+    write_task(task)
+    show.main([f"--model={long_folder}", f"--adapter={folder}", f"--data={task}", "--max_new_tokens=8",
+               "--dtype=float32", f"--out_dir={out}"])
+    about = json.loads((out / "show.json").read_text())["about"]
+    assert about["k"] == K and about["n"] == N and about["adapter"] == str(folder)
+    assert json.loads(about["adapter_info"])["weaver"]["official"]["source"] == str(folder)
+    assert str(folder) in (out / "problem-00000.html").read_text()  # the page names the checkpoint it shows
