@@ -166,8 +166,10 @@ class KVCache:
     of every slot so far, and a position attends only to earlier slots of its own segment.
     """
 
-    def __init__(self, cfg, batch, max_len=None, device="cpu", dtype=torch.float32):
-        self.max_len = max_len
+    def __init__(self, cfg, batch, max_len=None, device="cpu", dtype=torch.float32, static=False):
+        if static and not max_len:
+            raise ModelError("a static cache needs max_len")
+        self.max_len, self.static = max_len, static
         size = max_len + 1 if max_len else 0  # + the scratch slot
         shape = (batch, cfg.num_kv_heads, size, cfg.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
@@ -183,6 +185,8 @@ class KVCache:
         Contract: the class docstring."""
         B, T = mask.shape
         self.rows = rows
+        if self.static:
+            return self._begin_static(mask, rows)
         lens = self.lens if rows is None else self.lens[rows]
         l0 = int(lens[0])
         # the common case (every row at the same slot) writes plain slices; otherwise index the slots per row
@@ -215,6 +219,29 @@ class KVCache:
         self.end_slot = end
         return allowed[:, None]
 
+    def _begin_static(self, mask, rows):
+        """begin() in fixed shapes with no host-device sync, for calls replayed as CUDA graphs: every call covers
+        all rows and attends over all max_len + 1 slots (what the graph captured cannot depend on lens), writes per
+        row at its own slots, and sends slots past max_len (padding only: the cache is sized so real positions fit)
+        to the scratch slot. The allowed mask is the same as begin()'s, padded with slots no row may see."""
+        if rows is not None:
+            raise ModelError("a static cache runs all rows together: mark the rows that sit out in mask")
+        B, T = mask.shape
+        self.uniform, self.end_slot = False, self.max_len + 1
+        self.slots = (self.lens[:, None] + torch.arange(T, device=mask.device)).clamp(max=self.max_len)
+        self.valid.scatter_(1, self.slots, mask)
+        key = torch.arange(self.end_slot, device=mask.device)
+        allowed = (key <= self.slots[:, :, None]) & self.valid[:, None, :]
+        allowed |= key == self.slots[:, :, None]
+        return allowed[:, None]
+
+    def reset(self):
+        """Empty the cache in place (a static cache is reused, with the graphs that captured its storage)."""
+        self.lens.zero_()
+        self.next_pos.zero_()
+        self.valid.zero_()
+        self.rows = None
+
     def update(self, layer, k, v):
         """Write this call's keys/values of one layer; return all keys/values the call attends to (class docstring)."""
         end = self.end_slot
@@ -243,17 +270,25 @@ class KVCache:
             advance = torch.full_like(mask[:, 0], T, dtype=torch.long)
         else:
             advance = (mask * torch.arange(1, T + 1, device=mask.device)).amax(1)
-        if self.rows is None:
-            self.lens = self.lens + advance
-            self.next_pos = self.next_pos + mask.sum(1)
+        if self.rows is None:  # in place: a captured graph holds these tensors
+            self.lens += advance
+            self.next_pos += mask.sum(1)
         else:
             self.lens[self.rows] += advance
             self.next_pos[self.rows] += mask.sum(1)
         self.rows = None
 
-    def rollback(self, n, rows=None):
+    def rollback(self, n, rows=None, where=None):
         """Forget the last n slots of `rows` (MemGen drops the weaver's K query slots after reading them); see the
-        class docstring for what "last n" means in each mode."""
+        class docstring for what "last n" means in each mode. where (B,) bool, instead of rows: the rows to roll
+        back, as a mask (no host-device sync: a static cache's calls cover every row)."""
+        if where is not None:
+            slots = (self.lens[:, None] - n + torch.arange(n, device=self.lens.device)).clamp(min=0)
+            drop = self.valid.gather(1, slots) & where[:, None]
+            self.next_pos -= drop.sum(1)
+            self.valid.scatter_(1, slots, self.valid.gather(1, slots) & ~where[:, None])
+            self.lens -= n * where.long()
+            return
         if self.max_len is None:
             # a growing cache keeps its columns (autograd holds them); the slots just stop being real
             if rows is not None:
@@ -399,7 +434,7 @@ class Transformer(nn.Module):
         positions (B, T): rotary position ids; by default each row continues from its own count of real positions.
         cache: a KVCache, extended in place by these T slots.
         rows (B,) long: which rows of the cache these B inputs belong to (default: all of them, in order).
-        logits: "all", "last" (only the final slot, enough for sampling) or "none".
+        logits: "all", "last" (only each row's last real position, enough for sampling) or "none".
         segments (B, T) long: several sequences packed into one row (no padding to compute); a position attends
         only within its own segment (also across calls on a growing cache). Needs explicit positions and no cache or
         a growing one.
@@ -432,9 +467,12 @@ class Transformer(nn.Module):
         h = self.model.norm(x)
         if logits == "none":
             return None, h
-        # contiguous: on CPU a strided (B, 1, D) slice sends F.linear down a batched matmul that first copies the
-        # whole (vocab x D) head once per row (450 MB for SmolLM2 at batch 8, a third of a second per prefill)
-        return self.head(h[:, -1:].contiguous() if logits == "last" else h), h
+        if logits == "last" and T > 1:  # each row's last real position (rows may end at different slots)
+            last = (mask * torch.arange(1, T + 1, device=x.device)).amax(1).clamp(min=1) - 1
+            # a gather, so contiguous: on CPU a strided (B, 1, D) slice sends F.linear down a batched matmul that
+            # first copies the whole (vocab x D) head once per row (450 MB for SmolLM2 at batch 8)
+            return self.head(h.gather(1, last[:, None, None].expand(-1, 1, h.shape[-1]))), h
+        return self.head(h), h
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -559,17 +597,20 @@ def check_prompts(model, prompts, max_new_tokens):
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts, max_new_tokens=256, temperature=0.0, top_p=1.0, seed=0, keep_eos=False):
+def generate(model, tokenizer, prompts, max_new_tokens=256, temperature=0.0, top_p=1.0, seed=0, keep_eos=False,
+             graphs="auto"):
     """
     Batched sampling. prompts: lists of token ids (see Tokenizer.chat) or strings (encoded as plain text).
-    Prefill once, then one token per step from the cache; each row stops at its first EOS.
+    Prefill once, then one token per step from the cache; each row stops at its first EOS. graphs: decode steps in
+    fixed shapes, replayed as CUDA graphs (section 6; "auto" = on with CUDA); the tokens are the same either way.
     Returns (list of generated id lists, EOS excluded unless keep_eos (RL scores it); list of decoded texts).
     """
     prompts = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
     max_new_tokens = check_prompts(model, prompts, max_new_tokens)
     ids, mask = left_pad(prompts, tokenizer.pad_id, model.device)
     B = len(prompts)
-    cache = KVCache(model.cfg, B, ids.shape[1] + max_new_tokens, model.device, model.dtype)
+    steps = Steps.open(model, "reasoner", B, ids.shape[1] + max_new_tokens, graphs)
+    cache = steps.cache
     gen = torch.Generator(device=model.device).manual_seed(seed)
     eos = torch.tensor(tokenizer.eos_ids, device=model.device)
     out = torch.full((B, max_new_tokens), tokenizer.pad_id, dtype=torch.long, device=model.device)
@@ -581,10 +622,11 @@ def generate(model, tokenizer, prompts, max_new_tokens=256, temperature=0.0, top
         tok = torch.where(done, tokenizer.pad_id, tok)
         out[:, t] = tok
         done = done | torch.isin(tok, eos)
-        if t == max_new_tokens - 1 or bool(done.all()):
+        if t == max_new_tokens - 1 or steps.stop_check(t) and bool(done.all()):
             break
         # finished rows feed an invalid slot: they keep their place in the batch but cost nothing that matters
-        logits, _ = model(tok[:, None], cache=cache, mask=~done[:, None], logits="last")
+        logits = steps("token", lambda tok, real: model(tok, cache=cache, mask=real, logits="last")[0],
+                       tok=tok[:, None], real=~done[:, None])
     return finish(out, tokenizer, keep_eos)
 
 
@@ -597,3 +639,95 @@ def finish(out, tokenizer, keep_eos=False):
         seqs.append(row[:cut + 1] if keep_eos and cut < len(row) else row[:cut])
         texts.append(tokenizer.decode(row[:cut]))
     return seqs, texts
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 6. Decode steps as CUDA graphs
+#
+# On a GPU a decode step of a 1.5B model reads 3 GB of weights in about 1 ms, but launching its ~400 kernels one by
+# one from Python takes ~20 ms: the loop is bound by launches, not by the GPU. The cure (gpt-fast's) is to record a
+# step once as a CUDA graph and replay it with one launch. A graph replays fixed shapes and fixed memory, so the
+# calls it records run on a static KVCache (KVCache._begin_static: all rows, all slots, no host-device sync) and
+# read their inputs from buffers that each replay refills. Everything else of the loop (sampling, MemGen's
+# decisions) stays plain PyTorch around the replays. graphs=False (the default on a CPU) is today's plain loop:
+# growing slices of a preallocated cache and calls on just the rows that need them.
+
+STOP_EVERY = 8  # with graphs, look whether every row has finished only every this many steps (each look syncs)
+
+
+def use_graphs(graphs, device):
+    """graphs: "auto" (on with CUDA, off on a CPU), True or False; True on a CPU runs the static shapes without
+    recording (what the tests compare with the plain loop)."""
+    if graphs in ("auto", None):
+        return str(device).startswith("cuda")
+    if isinstance(graphs, str):
+        if graphs not in ("true", "false"):
+            raise ModelError(f"graphs={graphs!r}: use auto, true or false")
+        graphs = graphs == "true"
+    return bool(graphs)
+
+
+class Steps:
+    """
+    The fixed-shape model calls of one decode loop on one cache. steps(key, fn, **inputs) returns fn(**inputs):
+    eagerly, or (on CUDA, graphs on) by replaying the graph recorded at the first call with this key, the input
+    shapes and the active adapter. fn may change only the cache, in place, and must not sync with the host; its
+    outputs are valid until the next replay of the same graph.
+    Steps.open keeps one static cache per name on the model between generate calls, so a graph is recorded once
+    per shape rather than once per call; with graphs off it is a plain KVCache and steps(...) just calls fn.
+    """
+
+    def __init__(self, model, cache, graphs):
+        self.model, self.cache, self.static = model, cache, graphs
+        self.cuda = graphs and cache.valid.is_cuda
+        self.graphs = {}
+
+    @staticmethod
+    def open(model, name, batch, slots, graphs="auto"):
+        if not use_graphs(graphs, model.device):
+            return Steps(model, KVCache(model.cfg, batch, slots, model.device, model.dtype), False)
+        slots = -(-slots // 256) * 256  # a few sizes, so that later calls with other prompt lengths reuse graphs
+        pool = model.__dict__.setdefault("static_steps", {})
+        s = pool.get(name)
+        if s is None or s.cache.max_len != slots or len(s.cache.lens) != batch or s.cache.k[0].dtype != model.dtype:
+            pool.pop(name, None)  # free the old cache and graphs before allocating new ones
+            s = pool[name] = Steps(model, KVCache(model.cfg, batch, slots, model.device, model.dtype, static=True),
+                                   True)
+        s.cache.reset()
+        return s
+
+    def stop_check(self, t):
+        """Whether to look at step t if every row has finished (a host sync: with graphs, every few steps)."""
+        return not self.static or t % STOP_EVERY == STOP_EVERY - 1
+
+    def __call__(self, key, fn, **inputs):
+        if not self.cuda:
+            return fn(**inputs)
+        adapter = getattr(getattr(self.model, "lora_switch", None), "active", None)
+        key = (key, adapter, tuple((k, tuple(v.shape), v.dtype) for k, v in inputs.items()))
+        if key not in self.graphs:
+            self.graphs[key] = self.record(fn, inputs)
+        graph, static, out = self.graphs[key]
+        for k, v in inputs.items():
+            static[k].copy_(v)
+        graph.replay()
+        return out
+
+    def record(self, fn, inputs):
+        """Warm up on a side stream (cuBLAS and the allocator set themselves up), put the cache back as it was,
+        then record one call into a graph with its own memory pool."""
+        c = self.cache
+        saved = [t.clone() for t in (c.lens, c.next_pos, c.valid)]
+        static = {k: v.clone() for k, v in inputs.items()}
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                fn(**static)
+        torch.cuda.current_stream().wait_stream(side)
+        for t, v in zip((c.lens, c.next_pos, c.valid), saved):
+            t.copy_(v)  # the warm-up wrote only slots past lens, which count as empty again
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = fn(**static)
+        return graph, static, out

@@ -1,0 +1,136 @@
+"""
+The decode loop in fixed shapes (model.py section 6) against the plain loop. With graphs=True on a CPU nothing is
+recorded, but every call runs exactly as a CUDA graph would replay it: on a static cache, all rows, all slots, the
+weaver at bucketed widths, the stop check every few steps. So these tests prove the graphed path's arithmetic and
+bookkeeping; tests/test_cuda.py checks the recording itself on a GPU.
+"""
+import pytest
+import torch
+
+import lora
+import memgen
+import model as M
+from model import KVCache, Steps, generate, load_model
+from tokenizer import load_tokenizer
+
+K = 4
+
+
+def make(tiny, mode="always", n=3, seed=0):
+    path, _ = tiny("qwen2", False)
+    model, tok = load_model(path, dtype="float32"), load_tokenizer(path)
+    torch.manual_seed(seed)
+    mg = memgen.MemGen(model, tok, k=K, n=n, mode=mode).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name in ("weaver", "trigger"):
+            for p in lora.parameters(model, name).values():
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+        for p in list(mg.weaver.parameters()) + list(mg.trigger.parameters()):
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    mg.is_delim[::3] = True  # a random model rarely says "." greedily: more boundaries, more insertions
+    return mg, tok
+
+
+PROMPTS = ["What is 2+3?", "Say: a, b. c", "Hello there, how are you doing today?", "x"]
+
+
+def test_static_cache_equals_plain_cache_and_uncached(tiny):
+    path, _ = tiny("qwen2", False)
+    model = load_model(path, dtype="float32")
+    ids = torch.randint(0, model.cfg.vocab_size, (3, 21), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[0, :5] = False  # left padding in one row
+    with torch.no_grad():
+        ref, _ = model(ids, mask=mask)
+        cache = KVCache(model.cfg, 3, 40, static=True)
+        a, _ = model(ids[:, :12], mask=mask[:, :12], cache=cache)
+        steps = [model(ids[:, t:t + 1], mask=mask[:, t:t + 1], cache=cache)[0] for t in range(12, 21)]
+    got = torch.cat([a] + steps, 1)
+    assert (got - ref)[mask].abs().max() <= 1e-4
+    assert cache.lens.tolist() == [21, 21, 21] and cache.next_pos.tolist() == [16, 21, 21]
+
+
+def test_static_rollback_by_mask_equals_rollback_by_rows(tiny):
+    path, _ = tiny("qwen2", False)
+    model = load_model(path, dtype="float32")
+    ids = torch.randint(0, model.cfg.vocab_size, (3, 10), generator=torch.Generator().manual_seed(1))
+    caches = [KVCache(model.cfg, 3, 30), KVCache(model.cfg, 3, 30, static=True)]
+    with torch.no_grad():
+        for c in caches:
+            model(ids, cache=c)
+        caches[0].rollback(4, torch.tensor([0, 2]))
+        caches[1].rollback(4, where=torch.tensor([True, False, True]))
+        a, b = (model(ids[:, :2], cache=c)[0] for c in caches)
+    assert torch.equal(caches[0].lens, caches[1].lens) and torch.equal(caches[0].next_pos, caches[1].next_pos)
+    assert torch.equal(caches[0].valid, caches[1].valid[:, :31])
+    assert (a - b).abs().max() <= 1e-4
+
+
+def test_vanilla_generate_same_tokens_with_graphs(tiny):
+    mg, tok = make(tiny)
+    model = mg.model
+    prompts = [tok.chat([{"role": "user", "content": q}]) for q in PROMPTS]
+    for temperature in (0.0, 1.0):
+        plain = generate(model, tok, prompts, max_new_tokens=37, temperature=temperature, seed=3, graphs=False)
+        fixed = generate(model, tok, prompts, max_new_tokens=37, temperature=temperature, seed=3, graphs=True)
+        assert plain == fixed
+
+
+def test_stop_check_every_few_steps_gives_the_same_output(tiny):
+    """Rows that end early (EOS) under the fixed-shape loop, which looks for "all finished" every STOP_EVERY steps."""
+    mg, tok = make(tiny)
+    model = mg.model
+    prompts = [tok.chat([{"role": "user", "content": q}]) for q in PROMPTS]
+    seqs, _ = generate(model, tok, prompts, max_new_tokens=30, graphs=False)
+    eos = seqs[0][5]  # make a token the model emits early an EOS: rows stop at different steps
+    tok.eos_ids = [eos]
+    try:
+        plain = generate(model, tok, prompts, max_new_tokens=30, graphs=False)
+        fixed = generate(model, tok, prompts, max_new_tokens=30, graphs=True)
+    finally:
+        tok.eos_ids = load_tokenizer(tiny("qwen2", False)[0]).eos_ids
+    assert plain == fixed and min(len(s) for s in plain[0]) < 30
+
+
+@pytest.mark.parametrize("mode,boundary", [("always", "official"), ("always", "sentence"), ("learned", "official"),
+                                           ("random", "sentence")])
+def test_memgen_generate_same_tokens_and_insertions_with_graphs(tiny, mode, boundary):
+    mg, tok = make(tiny, mode=mode, n=4)
+    mg.boundary = boundary
+    mg.punct_in_number[::5] = mg.is_delim[::5]  # some delimiters "may end a number": the sentence rule defers them
+    mg.starts_digit[1::4] = True
+    prompts = [tok.chat([{"role": "user", "content": q}]) for q in PROMPTS]
+    for temperature in (0.0, 1.0):
+        kw = dict(max_new_tokens=40, temperature=temperature, seed=5, trigger_sample=temperature > 0)
+        plain = memgen.generate(mg, tok, prompts, graphs=False, **kw)
+        fixed = memgen.generate(mg, tok, prompts, graphs=True, **kw)
+        assert sum(len(r["insertions"]) for r in plain) > len(prompts)  # inference insertions happened
+        for a, b in zip(plain, fixed):
+            assert a["ids"] == b["ids"] and a["insertions"] == b["insertions"]
+            assert [d[::2] for d in a["decisions"]] == [d[::2] for d in b["decisions"]]
+            assert max(abs(x - y) for x, y in zip(a["logprobs"], b["logprobs"])) <= 1e-4
+
+
+def test_static_caches_are_kept_and_reset_between_calls(tiny):
+    mg, tok = make(tiny)
+    prompts = [tok.chat([{"role": "user", "content": q}]) for q in PROMPTS[:2]]
+    first = memgen.generate(mg, tok, prompts, max_new_tokens=20, graphs=True)
+    cache = mg.model.static_steps["reasoner"].cache
+    again = memgen.generate(mg, tok, prompts, max_new_tokens=20, graphs=True)
+    assert mg.model.static_steps["reasoner"].cache is cache  # one allocation (and one set of graphs) per shape
+    assert [r["ids"] for r in first] == [r["ids"] for r in again]
+    memgen.generate(mg, tok, prompts[:1], max_new_tokens=20, graphs=True)
+    assert mg.model.static_steps["reasoner"].cache is not cache  # another batch size: a new cache
+
+
+def test_weaver_widths_are_few_powers_of_two():
+    assert [memgen.bucket(n) for n in (0, 1, 16, 17, 100, 256, 257)] == [16, 16, 16, 32, 128, 256, 512]
+
+
+def test_graphs_setting_is_checked():
+    assert M.use_graphs("auto", "cpu") is False and M.use_graphs("auto", "cuda:0") is True
+    assert M.use_graphs("true", "cpu") is True and M.use_graphs(False, "cuda") is False
+    with pytest.raises(M.ModelError, match="graphs='maybe'"):
+        M.use_graphs("maybe", "cpu")
+    assert Steps(None, None, False)("x", lambda a: a + 1, a=torch.tensor(1)) == 2
