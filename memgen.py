@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 
 import lora
-from model import KVCache, ModelError, check_prompts, left_pad, sample
+from model import KVCache, ModelError, Steps, check_prompts, left_pad, sample
 
 K = 8  # latents per insertion (the paper's default for both the prompt and the inference insertions)
 N = 3  # at most N inference insertions per completion (plus the one at the end of the prompt)
@@ -57,13 +57,18 @@ class MemGen(nn.Module):
     """The trainable parts of MemGen around one base model. The base is frozen; LoRA adapters live inside it."""
 
     def __init__(self, model, tokenizer, k=K, n=N, mode=TRIGGER_MODE, rank=lora.RANK, alpha=lora.ALPHA,
-                 dropout=lora.DROPOUT, targets=lora.TARGETS, boundary=BOUNDARY, latent_init=LATENT_INIT):
+                 dropout=lora.DROPOUT, targets=lora.TARGETS, boundary=BOUNDARY, latent_init=LATENT_INIT,
+                 delimiters=DELIMITERS):
         super().__init__()
         for name, value, options in (("trigger mode", mode, TRIGGER_MODES), ("boundary", boundary, BOUNDARIES),
                                      ("latent init", latent_init, LATENT_INITS)):
             if value not in options:
                 raise ModelError(f"unknown {name} {value!r}: use one of {', '.join(options)}")
+        if not delimiters or not all(isinstance(d, str) and d for d in delimiters):
+            raise ModelError(f"delimiters {delimiters!r}: give one or more non-empty strings, e.g. {DELIMITERS!r}")
         self.model, self.k, self.n, self.mode, self.boundary = model, k, n, mode, boundary
+        # kept so that save() can write them beside the tensors (see rules): they decide how the weaver must be run
+        self.latent_init, self.delimiters = latent_init, tuple(delimiters)
         if "weaver" not in getattr(model, "lora_meta", {}):
             lora.inject(model, ["weaver", "trigger"], targets, rank, alpha, dropout)
         D, dev = model.cfg.hidden_size, model.device
@@ -82,7 +87,7 @@ class MemGen(nn.Module):
         self.trigger = nn.Module()
         self.trigger.head = nn.Linear(D, 2, device=dev)
         self.vocab = min(tokenizer.vocab_size, model.cfg.vocab_size)  # padding rows of the head are never sampled
-        for name, table in token_tables(tokenizer, model.cfg.vocab_size).items():
+        for name, table in token_tables(tokenizer, model.cfg.vocab_size, self.delimiters).items():
             self.register_buffer(name, table.to(dev), persistent=False)
         if latent_init == "embedding":
             self.match_embedding_scale()
@@ -117,16 +122,16 @@ class MemGen(nn.Module):
         self.weaver.weaver_to_reasoner.bias.mul_(c)
 
 
-def token_tables(tokenizer, vocab_size):
+def token_tables(tokenizer, vocab_size, delimiters=DELIMITERS):
     """
     (V,) bool tables over the vocabulary, computed once so decoding does no string work:
-      is_delim        the token's text ends with a delimiter (an insertion point follows it)
+      is_delim        the token's text ends with one of `delimiters` (an insertion point follows it)
       punct_in_number the text ends with "." or "," right after a digit ("3." "1,")
       just_punct      the text is "." or "," alone (then the digit would end the token before it)
       ends_digit, starts_digit
     The "sentence" boundary rule uses the last four (see inside_number).
     """
-    ends = tuple(d.encode() for d in DELIMITERS)
+    ends = tuple(d.encode() for d in delimiters)
     names = ("is_delim", "punct_in_number", "just_punct", "ends_digit", "starts_digit")
     tables = {name: torch.zeros(vocab_size, dtype=torch.bool) for name in names}
     special = set(tokenizer.special_ids)
@@ -165,14 +170,19 @@ def weaver_context(mg, context):
 # 2. The weaver: one cached call per insertion
 
 
-def weave(mg, cache, new_embeds, new_mask, is_prompt, rows=None):
+def weave(mg, cache, new_embeds, new_mask, is_prompt, rows=None, active=None, steps=None):
     """
     Feed the weaver what it has not seen yet (reasoner-space embeddings: earlier latents and tokens, (B', S, D),
     padding marked False in new_mask) followed by the K queries; return the K latents (B', K, D) in reasoner space.
     The query slots are dropped from the cache afterwards: later insertions must not see earlier queries.
     Each row is packed as [its real inputs, its K queries, padding]: padding left between a row's inputs and its
     queries would stay behind in the cache as dead slots, insertion after insertion.
+    A static cache (graphs, model.py section 6) runs every row: active (B,) marks those that weave, and the call
+    keeps its full width S + K, so it has one shape per S; steps replays it as a graph.
     """
+    if steps is not None:
+        return steps("weave", lambda **a: weave(mg, cache, **a), new_embeds=new_embeds, new_mask=new_mask,
+                     is_prompt=is_prompt, active=active)
     model, dtype, k = mg.model, mg.model.dtype, mg.k
     w = mg.weaver
     B, S = new_mask.shape
@@ -181,12 +191,15 @@ def weave(mg, cache, new_embeds, new_mask, is_prompt, rows=None):
     n = new_mask.sum(1)  # real inputs per row
     order = torch.sort((~new_mask).to(torch.int8), dim=1, stable=True).indices  # each row's real inputs first
     full = torch.cat([x.gather(1, order[..., None].expand(-1, -1, D)), mg.queries(is_prompt)], 1)  # (B', S+K, D)
-    slot = torch.arange(int(n.max()) + k, device=dev)[None]
+    slot = torch.arange(S + k if cache.static else int(n.max()) + k, device=dev)[None]
     src = torch.where(slot < n[:, None], slot, S + slot - n[:, None]).clamp(max=S + k - 1)
     inp = full.gather(1, src[..., None].expand(-1, -1, D)).to(dtype)
+    mask = slot < (n + k)[:, None]
+    if active is not None:
+        mask = mask & active[:, None]
     with lora.use(model, "weaver"):
-        _, h = model(inputs_embeds=inp, mask=slot < (n + k)[:, None], cache=cache, rows=rows, logits="none")
-    cache.rollback(k, rows)
+        _, h = model(inputs_embeds=inp, mask=mask, cache=cache, rows=rows, logits="none")
+    cache.rollback(k, rows, where=active)
     h = h.gather(1, (n[:, None] + torch.arange(k, device=dev))[..., None].expand(-1, -1, h.shape[-1]))
     return w.weaver_to_reasoner(h.float()).to(dtype)
 
@@ -220,6 +233,7 @@ class Rows:
     next_logits: torch.Tensor  # (B, V) the reasoner's logits after each row's last slot
     done: torch.Tensor  # (B,) the row sampled EOS
     n_ins: torch.Tensor  # (B,) inference insertions so far (the prompt's does not count toward N)
+    inserted: torch.Tensor  # (B, max_new + 1) latents went in before completion token t
     w_seen: torch.Tensor  # (B,) completion tokens the weaver has read
     g_seen: torch.Tensor  # (B,) ... and the trigger
     pending: torch.Tensor  # (B, K, D) each row's last latents, which its weaver has not read yet
@@ -227,26 +241,27 @@ class Rows:
     g_hidden: torch.Tensor  # (B, D) or None: the trigger's state at the end of the prompt
     prev_tok: torch.Tensor  # (B,) the token before the last sampled one (boundary rule "sentence")
     deferred: torch.Tensor  # (B,) the last token may end a number: decide at the next token (rule "sentence")
-    insertions: list  # per row: completion indices where latents went in
     decisions: list  # per row: (completion index, p(insert), 0/1) wherever the trigger was asked
 
 
-def new_tokens(st, rows, seen, t):
-    """Completion tokens [seen[r], t) of each row in `rows`, right-padded, and their mask."""
+def new_tokens(st, rows, seen, t, width=None):
+    """Completion tokens [seen[r], t) of each row in `rows`, right-padded (to `width` when given), and their mask."""
     start = seen[rows]
-    S = max(int((t - start).max()), 0)
+    S = max(int((t - start).max()), 0) if width is None else width
     idx = start[:, None] + torch.arange(S, device=start.device)
     return st.out[rows[:, None], idx.clamp(max=max(t - 1, 0))], idx < t
 
 
-def decide(mg, st, caches, rows, t, mode, gen, trigger_sample):
-    """(a) DECIDE: which of `rows` insert at completion index t. "learned" catches the trigger's cache up over the
-    tokens since its last call and reads p(insert) from its last hidden state."""
-    dev = rows.device
+def decide(mg, st, caches, cand, t, mode, gen, trigger_sample):
+    """(a) DECIDE: which of the candidate rows (cand, (B,) bool) insert at completion index t; returns (B,) bool.
+    "learned" catches the trigger's cache up over the tokens since its last call and reads p(insert) from its last
+    hidden state."""
     if mode == "always":
-        return torch.ones(len(rows), dtype=torch.bool, device=dev)
+        return cand
+    rows = cand.nonzero().squeeze(1)
+    dev = rows.device
     if mode == "random":  # the paper's ablation: insert with p = 0.5
-        return torch.rand(len(rows), generator=gen, device=dev) < 0.5
+        return torch.zeros_like(cand).index_put((rows,), torch.rand(len(rows), generator=gen, device=dev) < 0.5)
     if t > 0:
         seg, seg_mask = new_tokens(st, rows, st.g_seen, t)
         with lora.use(mg.model, "trigger"):
@@ -260,62 +275,85 @@ def decide(mg, st, caches, rows, t, mode, gen, trigger_sample):
     fire = (torch.rand(len(rows), generator=gen, device=dev) < p) if trigger_sample else p >= TRIGGER_THRESHOLD
     for r, pr, f in zip(rows.tolist(), p.tolist(), fire.tolist()):
         st.decisions[r].append((t, pr, int(f)))
-    return fire
+    return torch.zeros_like(cand).index_put((rows,), fire)
 
 
-def weave_rows(mg, st, caches, rows, t):
-    """(b) WEAVE: the weaver reads each row's latents of its previous insertion and its tokens since, then the K
-    queries; returns the K latents per row."""
+def weave_rows(mg, st, steps, ins, t):
+    """(b) WEAVE: the weaver reads each inserting row's latents of its previous insertion and its tokens since, then
+    the K queries; their K latents become the rows' pending latents (which FEED reads)."""
     model, k = mg.model, mg.k
-    seg, seg_mask = new_tokens(st, rows, st.w_seen, t)
+    if steps.static:  # every row, in a call whose width is one of a few powers of two (one graph each)
+        rows = torch.arange(len(ins), device=ins.device)
+        width = bucket(int(torch.where(ins, t - st.w_seen, 0).max()))
+    else:  # only the rows that insert
+        rows, width = ins.nonzero().squeeze(1), None
+    seg, seg_mask = new_tokens(st, rows, st.w_seen, t, width)
     new = torch.cat([st.pending[rows], model.embed(seg)], 1)
     new_mask = torch.cat([st.has_pending[rows, None].expand(-1, k), seg_mask], 1)
-    is_prompt = torch.full((len(rows),), t == 0, device=rows.device)
-    lat = weave(mg, caches["weaver"], new, new_mask, is_prompt, rows)
-    st.w_seen[rows] = t
-    st.pending[rows], st.has_pending[rows] = lat, True
-    return lat
+    is_prompt = torch.full((len(rows),), t == 0, device=ins.device)
+    if steps.static:
+        lat = weave(mg, steps.cache, new, new_mask, is_prompt, active=ins, steps=steps)
+        st.pending = torch.where(ins[:, None, None], lat, st.pending)
+    else:
+        st.pending[rows] = weave(mg, steps.cache, new, new_mask, is_prompt, rows)
+    st.w_seen = torch.where(ins, t, st.w_seen)
+    st.has_pending |= ins
 
 
-def feed(mg, st, caches, rows, lat, t):
-    """(c) FEED: the reasoner reads the latents as input embeddings at the next position ids of the inserting rows
-    only; their next-token logits now follow the last latent."""
-    logits, _ = mg.model(inputs_embeds=lat, cache=caches["reasoner"], rows=rows, logits="last")
-    st.next_logits[rows] = logits[:, -1, :mg.vocab].float()
-    for r in rows.tolist():
-        st.insertions[r].append(t)
-    if t > 0:
-        st.n_ins[rows] += 1
+def bucket(n):
+    """The width of a static weaver call for n new tokens: the next power of two, at least 16."""
+    return max(16, 1 << (n - 1).bit_length())
 
 
-def insert(mg, st, caches, cand, t, mode, gen, trigger_sample):
-    """(a)-(c) for the candidate rows (a bool mask) at completion index t; returns the rows that inserted."""
-    rows = cand.nonzero().squeeze(1)
-    rows = rows[decide(mg, st, caches, rows, t, mode, gen, trigger_sample)]
-    if len(rows):
-        feed(mg, st, caches, rows, weave_rows(mg, st, caches, rows, t), t)
-    return rows
+def feed(mg, st, steps, tok, ins, t):
+    """(c) FEED: one reasoner step. Every unfinished row reads its token `tok` (None: no token), and the rows in `ins`
+    (None: no row) read their K pending latents right after it, at the next position ids. next_logits: after each
+    row's last slot, so a latent is never sampled. With graphs one call covers every row; without, the rows that
+    insert and the others run as two calls, each on just its rows (a CPU pays for every slot it computes)."""
+    model, k, cache, B = mg.model, mg.k, steps.cache, len(st.done)
+    x, real = st.pending[:, :0], torch.zeros(B, 0, dtype=torch.bool, device=st.done.device)
+    if tok is not None:
+        x, real = model.embed(tok[:, None]), ~st.done[:, None]
+    if ins is not None:
+        x, real = torch.cat([x, st.pending], 1), torch.cat([real, ins[:, None].expand(-1, k)], 1)
+
+    def call(x, real, rows=None):
+        return model(inputs_embeds=x, mask=real, cache=cache, rows=rows, logits="last")[0][:, -1, :mg.vocab].float()
+
+    if steps.static or ins is None:  # rows that read nothing (finished, or sitting out a latent-only call) keep theirs
+        st.next_logits = torch.where(real.any(1)[:, None], steps(f"feed{x.shape[1]}", call, x=x, real=real),
+                                     st.next_logits)
+    else:
+        rows = ins.nonzero().squeeze(1)
+        st.next_logits[rows] = call(x[rows], real[rows], rows)
+        rest = (~ins & ~st.done).nonzero().squeeze(1) if tok is not None else rows[:0]
+        if len(rest):
+            st.next_logits[rest] = call(x[rest, :1], real[rest, :1], rest)
+    if ins is not None:
+        st.inserted[:, t] |= ins
+        if t > 0:
+            st.n_ins += ins.long()
 
 
-def prefill(mg, ids, pmask, max_new_tokens, mode, context=None):
+def prefill(mg, ids, pmask, max_new_tokens, mode, graphs, context=None):
     """The prompt into the reasoner's cache, and into the weaver's and trigger's own caches when they will be used.
-    context: weaver_context() or None; the weaver reads it before the prompt. Returns the caches and the reasoner's
-    logits after the prompt."""
+    context: weaver_context() or None; the weaver reads it before the prompt. Returns the caches (as Steps: model.py section 6) and the reasoner's logits after the prompt."""
     model, k, dev, dtype = mg.model, mg.k, mg.model.device, mg.model.dtype
     B, P = ids.shape
     slots = P + max_new_tokens + k * (mg.n + 1)
-    caches = {"reasoner": KVCache(model.cfg, B, slots, dev, dtype)}  # tokens and latents
-    logits, _ = model(ids, mask=pmask, cache=caches["reasoner"], logits="last")
+    caches = {"reasoner": Steps.open(model, "reasoner", B, slots, graphs)}  # tokens and latents
+    logits, _ = model(ids, mask=pmask, cache=caches["reasoner"].cache, logits="last")
     g_hidden = None
     if mode != "off":  # the weaver reads the prompt once; every later call only feeds what is new
         x, xmask = model.embed(ids), pmask
         if context is not None:  # the weaver-only context goes in front of the prompt (weaver_rounds does the same)
             x, xmask = torch.cat([context[0], x], 1), torch.cat([context[1], pmask], 1)
-        caches["weaver"] = KVCache(model.cfg, B, slots + k + x.shape[1] - P, dev, dtype)  # + K query slots
+        # tokens (context included), latents and K query slots
+        caches["weaver"] = Steps.open(model, "weaver", B, slots + k + x.shape[1] - P, graphs)
         with lora.use(model, "weaver"):
             x = mg.weaver.reasoner_to_weaver(x.float()).to(dtype)
-            model(inputs_embeds=x, mask=xmask, cache=caches["weaver"], logits="none")
-    if mode == "learned":
+            model(inputs_embeds=x, mask=xmask, cache=caches["weaver"].cache, logits="none")
+    if mode == "learned":  # the trigger runs on boundary rows only: always a plain cache
         caches["trigger"] = KVCache(model.cfg, B, P + max_new_tokens, dev, dtype)  # tokens only
         with lora.use(model, "trigger"):
             _, g_hidden = model(ids, mask=pmask, cache=caches["trigger"], logits="none")
@@ -323,14 +361,29 @@ def prefill(mg, ids, pmask, max_new_tokens, mode, context=None):
     return caches, logits[:, -1, :mg.vocab].float(), g_hidden
 
 
+def insert(mg, st, caches, cand, t, mode, gen, trigger_sample, tok=None):
+    """(a)-(c) at completion index t for the candidate rows (cand, (B,) bool): decide, weave, and feed the latents -
+    after the token `tok` every row reads at this step, in the same reasoner call, when tok is given. Returns the
+    rows that inserted ((B,) bool) or None."""
+    ins = decide(mg, st, caches, cand, t, mode, gen, trigger_sample)
+    ins = ins if bool(ins.any()) else None
+    if ins is not None:
+        weave_rows(mg, st, caches["weaver"], ins, t)
+    if tok is not None or ins is not None:
+        feed(mg, st, caches["reasoner"], tok, ins, t)
+    return ins
+
+
 @torch.no_grad()
 def generate(mg, tokenizer, prompts, max_new_tokens=256, temperature=0.0, top_p=1.0, seed=0, mode=None,
-             trigger_sample=False, context=None):
+             trigger_sample=False, graphs="auto", context=None):
     """
     Batched MemGen decoding with KV caches for the reasoner, the weaver and the trigger.
     prompts: id lists (Tokenizer.chat) or strings. mode: trigger mode (default mg.mode). trigger_sample: in mode
-    "learned", sample the trigger's decision (RL) instead of thresholding it. context: per row, token ids only the
-    weaver reads, in front of the prompt (weaver_context), or None.
+    "learned", sample the trigger's decision (RL) instead of thresholding it. graphs: the reasoner's and the
+    weaver's calls in fixed shapes, replayed as CUDA graphs (model.py section 6; "auto" = on with CUDA); the same
+    tokens and insertions either way. context: per row, token ids only the weaver reads, in front of the prompt
+    (weaver_context), or None.
     Returns one dict per row: ids (completion ids, EOS included when sampled), text (EOS excluded), logprobs (of
     each sampled token, from the raw logits), insertions (completion indices where latents went in, 0 = end of
     prompt), decisions (completion index, p(insert), 0/1) at every point the trigger was asked.
@@ -345,14 +398,15 @@ def generate(mg, tokenizer, prompts, max_new_tokens=256, temperature=0.0, top_p=
     B = ids.shape[0]
     gen = torch.Generator(device=dev).manual_seed(seed)
     eos = torch.tensor(tokenizer.eos_ids, device=dev)
-    caches, next_logits, g_hidden = prefill(mg, ids, pmask, max_new_tokens, mode, weaver_context(mg, context))
+    caches, next_logits, g_hidden = prefill(mg, ids, pmask, max_new_tokens, mode, graphs, weaver_context(mg, context))
     zeros = lambda dtype=torch.long: torch.zeros(B, dtype=dtype, device=dev)  # noqa: E731
     st = Rows(out=torch.full((B, max_new_tokens), tokenizer.pad_id, dtype=torch.long, device=dev),
               logps=torch.zeros(B, max_new_tokens, device=dev), next_logits=next_logits,
-              done=zeros(torch.bool), n_ins=zeros(), w_seen=zeros(), g_seen=zeros(),
-              pending=torch.zeros(B, k, model.cfg.hidden_size, dtype=model.dtype, device=dev),
+              done=zeros(torch.bool), n_ins=zeros(),
+              inserted=torch.zeros(B, max_new_tokens + 1, dtype=torch.bool, device=dev), w_seen=zeros(),
+              g_seen=zeros(), pending=torch.zeros(B, k, model.cfg.hidden_size, dtype=model.dtype, device=dev),
               has_pending=zeros(torch.bool), g_hidden=g_hidden, prev_tok=ids[:, -1], deferred=zeros(torch.bool),
-              insertions=[[] for _ in range(B)], decisions=[[] for _ in range(B)])
+              decisions=[[] for _ in range(B)])
 
     if mode != "off":  # the end of the prompt is always a candidate
         insert(mg, st, caches, torch.ones(B, dtype=torch.bool, device=dev), 0, mode, gen, trigger_sample)
@@ -360,9 +414,10 @@ def generate(mg, tokenizer, prompts, max_new_tokens=256, temperature=0.0, top_p=
         # (d) SAMPLE: from the logits after each row's last slot, so never from a latent
         tok = sample(st.next_logits, temperature, top_p, gen)
         if bool(st.deferred.any()):  # rule "sentence": the boundary before tok holds unless tok continues a number
-            rows = insert(mg, st, caches, st.deferred & ~mg.starts_digit[tok], t, mode, gen, trigger_sample)
-            if len(rows):  # tok was sampled before the latents: take it back, sample again after them, among
+            ins = insert(mg, st, caches, st.deferred & ~mg.starts_digit[tok], t, mode, gen, trigger_sample)
+            if ins is not None:  # tok was sampled before the latents: take it back, sample again after them, among
                 # tokens that do not continue the number (the sentence ended here, as training will read it)
+                rows = ins.nonzero().squeeze(1)
                 no_digit = st.next_logits[rows].masked_fill(mg.starts_digit[:mg.vocab], float("-inf"))
                 tok[rows] = sample(no_digit, temperature, top_p, gen)
             st.deferred[:] = False
@@ -370,18 +425,19 @@ def generate(mg, tokenizer, prompts, max_new_tokens=256, temperature=0.0, top_p=
         st.logps[:, t] = torch.log_softmax(st.next_logits, -1).gather(1, tok[:, None]).squeeze(1)
         st.out[:, t] = tok
         st.done = st.done | torch.isin(tok, eos)
-        if t == max_new_tokens - 1 or bool(st.done.all()):
+        if t == max_new_tokens - 1 or caches["reasoner"].stop_check(t) and bool(st.done.all()):
             break
-        logits, _ = model(tok[:, None], cache=caches["reasoner"], mask=~st.done[:, None], logits="last")
-        st.next_logits = logits[:, -1, :mg.vocab].float()
+        cand = None
         if mode != "off":  # a sentence boundary in a row with insertions left: (a)-(c) before token t+1
             cand = mg.is_delim[tok] & ~st.done & (st.n_ins < mg.n)
             if mg.boundary == "sentence":
                 st.deferred = cand & maybe_in_number(mg, st.prev_tok, tok)
                 cand &= ~st.deferred
             st.prev_tok = tok
-            if bool(cand.any()):
-                insert(mg, st, caches, cand, t + 1, mode, gen, trigger_sample)
+        if cand is None or mode != "always" and not bool(cand.any()):  # (c) alone: the token, no insertion
+            feed(mg, st, caches["reasoner"], tok, None, t + 1)
+        else:
+            insert(mg, st, caches, cand, t + 1, mode, gen, trigger_sample, tok)
     return finish_rows(st, tokenizer)
 
 
@@ -389,12 +445,13 @@ def finish_rows(st, tokenizer):
     """Per-row results: cut after EOS, decode the text without it."""
     results = []
     eos_set = set(tokenizer.eos_ids)
+    inserted = st.inserted.tolist()
     for b, row in enumerate(st.out.tolist()):
         cut = next((i + 1 for i, x in enumerate(row) if x in eos_set), len(row))
         ids_b = row[:cut]
         text_ids = ids_b[:-1] if ids_b and ids_b[-1] in eos_set else ids_b
         results.append(dict(ids=ids_b, text=tokenizer.decode(text_ids), logprobs=st.logps[b, :cut].tolist(),
-                            insertions=st.insertions[b], decisions=st.decisions[b]))
+                            insertions=[t for t, x in enumerate(inserted[b]) if x], decisions=st.decisions[b]))
     return results
 
 
@@ -643,24 +700,61 @@ def trigger_logprobs(mg, prompts, completions, decisions, pad_id=0, batched=None
 # 7. Saving and loading the trained parts
 
 
+# What a saved weaver or trigger must be run with, written into its json beside the tensors: the latents per
+# insertion, the insertion budget, the boundary rule and the delimiters decide where and how decoding inserts, so a
+# weaver run under other rules than it was trained with silently decodes differently. latent_init only shaped the
+# start of training; it is kept for the record. A json from before these keys were written was trained with the
+# official value of the keys it lacks.
+RULES = ("k", "n", "boundary", "delimiters", "latent_init")
+OFFICIAL = dict(k=K, n=N, boundary=BOUNDARY, delimiters=DELIMITERS, latent_init=LATENT_INIT)
+
+
+def rules(mg):
+    """{rule: value} of this MemGen, as save() writes them (delimiters as a list: json has no tuples)."""
+    return dict(k=mg.k, n=mg.n, boundary=mg.boundary, delimiters=list(mg.delimiters), latent_init=mg.latent_init)
+
+
+def saved_rules(info):
+    """The rules an adapter's json records, official values for the keys it lacks; delimiters as a tuple."""
+    out = {key: info.get(key, OFFICIAL[key]) for key in RULES}
+    out["delimiters"] = tuple(out["delimiters"])
+    return out
+
+
+def rules_at(path, part="weaver"):
+    """saved_rules of {path}/{part}.json (the official rules when the json is missing or unreadable)."""
+    meta = os.path.join(path, f"{part}.json")
+    return saved_rules(_read_json(meta) if os.path.isfile(meta) else {})
+
+
 def extra_tensors(mg, part):
     """The non-LoRA trainable tensors of a part (queries, norms, maps / the trigger head)."""
     return {k: v for k, v in mg.trainable(part).items() if ".lora_A." not in k and ".lora_B." not in k}
 
 
 def save(mg, path, parts=("weaver", "trigger")):
-    """{path}/weaver.safetensors (+json), {path}/trigger.safetensors (+json): each adapter with its tensors."""
+    """{path}/weaver.safetensors (+json), {path}/trigger.safetensors (+json): each adapter with its tensors; each
+    json records the rules it was trained under (rules)."""
     for part in parts:
-        lora.save_adapter(mg.model, part, path, extra=extra_tensors(mg, part), meta={"k": mg.k, "n": mg.n})
+        lora.save_adapter(mg.model, part, path, extra=extra_tensors(mg, part), meta=rules(mg))
 
 
 def load(mg, path, parts=("weaver", "trigger")):
+    """Load saved parts into this MemGen, which must have been built with their rules (loading.memgen_for builds
+    it from the json): a weaver trained with K=4 or the sentence rule is refused by a MemGen with K=8 or the
+    official rule instead of decoding differently from how it was trained."""
+    mine = dict(rules(mg), delimiters=mg.delimiters)
     for part in parts:
-        meta = os.path.join(path, f"{part}.json")
-        k = _read_json(meta).get("k", mg.k) if os.path.isfile(meta) else mg.k
-        if k != mg.k:  # before the tensors, whose shapes would only say "(4, D) vs (8, D)"
-            raise ModelError(f"{meta} was trained with K={k} latents, this MemGen has K={mg.k}")
+        meta, saved = os.path.join(path, f"{part}.json"), rules_at(path, part)
+        if saved["k"] != mg.k:  # before the tensors, whose shapes would only say "(4, D) vs (8, D)"
+            raise ModelError(f"{meta} was trained with K={saved['k']} latents, this MemGen has K={mg.k}")
+        for key in ("n", "boundary", "delimiters"):
+            if saved[key] != mine[key]:
+                raise ModelError(f"{meta} was trained with {key}={saved[key]!r}, this MemGen has {key}="
+                                 f"{mine[key]!r}: build the MemGen with the adapter's rules (memgen.saved_rules)")
         lora.load_adapter(mg.model, part, path, extra=extra_tensors(mg, part))
+        if part == "weaver":
+            mg.latent_init = saved["latent_init"]  # how the loaded weaver started, so a re-save records it
 
 
 def _read_json(path):
