@@ -41,6 +41,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+import evaluation
 import lora
 import memgen
 from model import KVCache, sample
@@ -54,7 +55,7 @@ WASTED = 'No action found in your reply. End every reply with one line "Action: 
 ACTION_FORMAT = "Action: {action}"  # how a gold action is written as the agent's turn (SFT)
 
 
-class AgentError(ValueError):
+class AgentError(evaluation.EvalError):
     """A bad argument or environment; the message says what to do."""
 
 
@@ -424,8 +425,6 @@ def evaluate(policy, tok, task, rows, mode, messages=None, batch_size=8, max_tur
     with a retrieval memory in front). Returns summarize() over all rows plus timing.
     """
     from tqdm import tqdm
-
-    import evaluation
 
     messages = messages or task.messages
     make_env = make_env or task.make_env

@@ -51,11 +51,15 @@ RESULTS_MD = "out/results.md"  # the markdown table every run appends its row to
 MEMORY = ""  # --mode=memorybank|expel|awm: the memory directory build_memory.py made
 MEMORY_BUDGET = 768  # most tokens of memory text put in front of each problem's prompt
 MEMORY_TOP_K = 3  # retrieved experiences per problem (memorybank, expel)
+MAX_TURNS = 30  # multi-turn tasks (scienceworld): the agent's replies per episode, wasted ones included
+TURN_TOKENS = 128  # multi-turn tasks: the longest reply of one turn (MAX_NEW_TOKENS is for one-completion tasks)
+MAX_CONTEXT = 4096  # multi-turn tasks: slots of an episode's history (tokens + latents); full = the episode ends
 ALLOW_OTHER_BASE = False  # load an --adapter trained on another base model anyway (same shapes required)
 PROGRESS = True  # show a progress bar
 # -----------------------------------------------------------------------------
 _PROG = "eval.py"
 _MEMORIES = ("memorybank", "expel", "awm")  # retrieval-memory baselines: the base model with memory in its prompt
+_AGENT_KEYS = ("max_turns", "turn_tokens", "max_context")  # the episode settings of a multi-turn task (agent.py)
 
 
 def check(cfg, given):
@@ -69,6 +73,7 @@ def check(cfg, given):
                                      f"--memory is read by --mode={'|'.join(_MEMORIES)} only, not --mode={cfg['mode']}")
     settings.one_of(cfg, "trigger_mode", memgen.TRIGGER_MODES)
     settings.at_least(cfg, 0, "limit")
+    settings.at_least(cfg, 1, *_AGENT_KEYS)
     if "trigger_mode" in given and cfg["mode"] != "memgen":
         raise settings.SettingsError(f"--trigger_mode only applies to --mode=memgen (this run is --mode={cfg['mode']})")
     if cfg["mode"] == "lora" and not cfg["adapter"]:
@@ -134,6 +139,15 @@ def evaluate_task(cfg, task, model, tok, policy, gen_mode):
     if cfg["mode"] in _MEMORIES:
         run.update(memory=os.path.abspath(cfg["memory"]), memory_budget=cfg["memory_budget"],
                    memory_top_k=cfg["memory_top_k"])
+    is_agent = getattr(task, "AGENT", False)  # a multi-turn task: episodes in an environment (agent.py)
+    if is_agent:
+        if cfg["samples"] != 1:
+            raise settings.SettingsError(f"--samples={cfg['samples']}: a multi-turn task runs one episode per row; "
+                                         "use --samples=1")
+        run.update({k: cfg[k] for k in _AGENT_KEYS})
+        defaults = settings.defaults(globals())
+        if not cfg["out_dir"]:
+            out_dir += "".join(f"-{k}{cfg[k]}" for k in _AGENT_KEYS if cfg[k] != defaults[k])
     evaluation.claim_out_dir(out_dir, run)
     print(f"{_PROG}: {cfg['data']}: {len(rows)} problems x {cfg['samples']} samples, mode "
           f"{evaluation.run_label(cfg['mode'], cfg['trigger_mode'])}, model {cfg['model']}, {model.dtype} on "
@@ -142,11 +156,20 @@ def evaluate_task(cfg, task, model, tok, policy, gen_mode):
     if isolation:
         print(f"{_PROG}: sandbox: {', '.join(isolation['layers'])}"
               + "".join(f"; NOT {m}" for m in isolation["missing"]), file=sys.stderr)
-    summary = evaluation.evaluate(policy, tok, task, rows, gen_mode, samples=cfg["samples"],
-                                  temperature=cfg["temperature"], top_p=cfg["top_p"],
-                                  batch_size=cfg["batch_size"], max_new_tokens=cfg["max_new_tokens"],
-                                  seed=cfg["seed"], trigger_mode=run["trigger_mode"],
-                                  out_path=os.path.join(out_dir, "results.jsonl"), progress=cfg["progress"])
+    if is_agent:  # mean score, success rate (= pass@1 in the tables), turns, insertions per turn
+        import agent
+
+        summary = agent.evaluate(policy, tok, task, rows, gen_mode, batch_size=cfg["batch_size"],
+                                 max_turns=cfg["max_turns"], turn_tokens=cfg["turn_tokens"],
+                                 max_context=cfg["max_context"], temperature=cfg["temperature"], top_p=cfg["top_p"],
+                                 seed=cfg["seed"], trigger_mode=run["trigger_mode"],
+                                 out_path=os.path.join(out_dir, "results.jsonl"), progress=cfg["progress"])
+    else:
+        summary = evaluation.evaluate(policy, tok, task, rows, gen_mode, samples=cfg["samples"],
+                                      temperature=cfg["temperature"], top_p=cfg["top_p"],
+                                      batch_size=cfg["batch_size"], max_new_tokens=cfg["max_new_tokens"],
+                                      seed=cfg["seed"], trigger_mode=run["trigger_mode"],
+                                      out_path=os.path.join(out_dir, "results.jsonl"), progress=cfg["progress"])
     if memory_tokens:  # the problems generated in this run (a resumed run's earlier ones are not re-counted)
         summary["mean_memory_tokens"] = round(sum(memory_tokens.values()) / len(memory_tokens), 1)
     summary["eval_s"] = summary.pop("wall_s")  # generation + grading only; wall_s below includes loading
@@ -185,8 +208,9 @@ def with_memory(task, cfg, model, tok, used):
         return msgs
 
     out = types.SimpleNamespace(NAME=task.NAME, load=task.load, grade=task.grade, messages=messages)
-    if hasattr(task, "grade_many"):
-        out.grade_many = task.grade_many
+    for attr in ("grade_many", "AGENT", "make_env"):  # a multi-turn task keeps its environments
+        if hasattr(task, attr):
+            setattr(out, attr, getattr(task, attr))
     return out
 
 

@@ -147,7 +147,8 @@ def load(run, path):
 def sft_step(run, batch, seed):
     """Teacher-forced NLL of the target completions, averaged over all completion tokens of the global batch."""
     run.policy.train()  # adapter dropout on (the base model has no dropout)
-    n_tok = training.all_sum(sum(len(e["completion"]) for e in batch))
+    # the loss counts the completion's tokens; in a multi-turn trajectory only the agent's turns (n_labels)
+    n_tok = training.all_sum(sum(e.get("n_labels", len(e["completion"])) for e in batch))
     loss = 0.0
     for part in training.chunks(batch, run.cfg["micro_batch"]):
         s, _ = sft_loss(run, part)
@@ -158,7 +159,12 @@ def sft_step(run, batch, seed):
 
 def sft_loss(run, examples):
     """(summed NLL, tokens) of a micro-batch, through MemGen's training forward (prompt end + first N sentence ends
-    get latents) or through the reasoner with its "sft" LoRA."""
+    get latents) or through the reasoner with its "sft" LoRA. Multi-turn trajectories (agent.encode_trajectories):
+    the agent's turns only, MemGen inserting where the agent loop does."""
+    if "agent" in examples[0]:
+        import agent
+
+        return agent.sft_nll(run.policy, examples, run.tok.pad_id, run.vocab)
     model = run.model
     ids, mask, prompt_len = memgen.right_pad([e["prompt"] for e in examples], [e["completion"] for e in examples],
                                              run.tok.pad_id, model.device)

@@ -139,7 +139,18 @@ def check_context(cfg, model, latents=0):
 def encode_examples(rows, tok, task, max_len, need_target=True):
     """Task rows -> (examples, skipped): each row plus its prompt ids and completion ids = the SFT target + the
     turn-end token (so the model learns to stop). Completions are cut to fit max_len; prompts that alone reach it
-    are skipped (counted)."""
+    are skipped (counted). A multi-turn task's rows are gold trajectories: agent.encode_trajectories renders them as
+    the agent loop's prompts, with the loss on the agent's turns only."""
+    if getattr(task, "AGENT", False):
+        import agent
+
+        if not need_target:
+            raise TrainError(f"{task.NAME} is a multi-turn task: train it by SFT on its gold trajectories "
+                             "(--method=sft or sft-lora); RL on episodes is not implemented")
+        try:
+            return agent.encode_trajectories(rows, tok, task, max_len)
+        except agent.AgentError as e:
+            raise TrainError(str(e)) from None
     out, skipped = [], 0
     for r in rows:
         if need_target and r.get("target") is None:
@@ -350,6 +361,10 @@ def plan_final_eval(run, total):
     most all - so a full run evaluates the whole test set and a --max_steps=2 run never turns into hours."""
     cfg = run.cfg
     if cfg["final_eval_limit"] < 0 or not run.main:
+        return []
+    if getattr(run.task, "AGENT", False):
+        run.say("no final eval for a multi-turn task: run its episodes with eval.py --adapter=<run>/final "
+                "(docs/agent.md)")
         return []
     rows = run.task.load("test")
     n = min(len(rows), cfg["final_eval_limit"] or total * cfg["batch_size"])

@@ -8,6 +8,9 @@
     grade(row, completion) -> bool    never raises on a bad completion: anything unparsable is wrong
     grade_many(rows, completions, workers=2) -> [bool]    optional, for graders worth running in parallel
 
+A multi-turn task (data/scienceworld.py) also has AGENT = True and make_env(): eval.py runs its rows as episodes
+(agent.py); get_task("NAME:OPTIONS") hands OPTIONS to such a module's select() instead of reading a file.
+
 Adding a task is adding one file, data/NAME.py: get_task("NAME") imports any such module, and a line in TASKS
 (or FORMATS) lists it in error messages. Modules are imported only when asked for.
 
@@ -24,7 +27,7 @@ import types
 from data.gsm8k import DataError
 
 # name -> module; TASKS bring their own data, FORMATS read a local jsonl named as FORMAT:PATH
-TASKS = {"gsm8k": "data.gsm8k", "humaneval": "data.humaneval"}
+TASKS = {"gsm8k": "data.gsm8k", "humaneval": "data.humaneval", "scienceworld": "data.scienceworld"}
 FORMATS = {"qa": "data.qa", "choice": "data.choice", "fever": "data.fever"}
 INTERFACE = ("NAME", "load", "messages", "grade")
 
@@ -55,7 +58,10 @@ def get_task(spec):
         raise DataError(f"a task must be a name or FORMAT:PATH, got {spec!r}; use one of: {_choices()}")
     name, sep, path = spec.partition(":")
     if sep and name.isidentifier():
-        return _reading(_module(name), path, spec)
+        module = _module(name)
+        if hasattr(module, "select"):  # a task that takes options after its name, e.g. scienceworld:boil+melt
+            return module.select(path)
+        return _reading(module, path, spec)
     if spec.endswith(".jsonl"):  # a bare path is the question/answer format, as before tasks were plug-ins
         return _reading(_module("qa"), spec, spec)
     if spec in FORMATS:

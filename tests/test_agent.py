@@ -283,3 +283,58 @@ def test_killed_evaluation_resumes_per_episode(tiny, tmp_path):
     assert {k: v for k, v in resumed.items() if k not in drop} == {k: v for k, v in whole.items() if k not in drop}
     assert whole["n"] == 6 and whole["end_done"] == 4 and whole["end_turn_limit"] == 2
     assert whole["success_rate"] == pytest.approx(4 / 6) and whole["insertions_per_turn"] >= 1
+
+
+def fake_task_module():
+    """A multi-turn task module like data/scienceworld.py, over FakeEnv: gold trajectories say "step i"."""
+    import types
+
+    def load(split, path=None):
+        rows = []
+        for i in range(6 if split == "train" else 3):
+            row = {"id": f"{split}-{i}", "length": 1 + i % 3, "answer": None, "question": f"Reach step {1 + i % 3}.",
+                   "observation": f"You are in room {split}-{i}. It is quiet."}
+            row["turns"] = [{"action": f"step {j}", "observation": f"You did: step {j}. Step {j + 1}."}
+                            for j in range(row["length"])]
+            row["target"] = "\n".join(f"Action: {t['action']}" for t in row["turns"])
+            rows.append(row)
+        return rows
+
+    def grade(row, completion):
+        raise AssertionError("a multi-turn task is never graded by completion")
+
+    return types.SimpleNamespace(NAME="fakeworld", AGENT=True, load=load, messages=messages, grade=grade,
+                                 make_env=FakeEnv)
+
+
+@pytest.mark.parametrize("method,mode", [("sft", "memgen"), ("sft-lora", "lora")])
+def test_sft_on_trajectories_then_eval_episodes_through_the_entry_points(tiny, tmp_path, monkeypatch, method, mode):
+    """train_weaver.py fits the agent's turns of gold trajectories; eval.py runs the trained policy's episodes and
+    writes one row per episode, the summary with its agent metrics, and the cross-domain table's column."""
+    import sys
+
+    import eval as ev
+    import train_weaver as tw
+
+    monkeypatch.setitem(sys.modules, "data.fakeworld", fake_task_module())
+    monkeypatch.chdir(tmp_path)
+    path, _ = tiny("qwen2", False)
+    out = tmp_path / "run"
+    res = tw.main(["--model", path, "--data=fakeworld", f"--method={method}", f"--out_dir={out}", "--max_steps=2",
+                   "--batch_size=2", "--micro_batch=2", "--k=4", "--max_len=200", "--progress=false",
+                   "--dtype=float32", "--val_size=2", "--eval_interval=0", "--save_interval=0", "--lr=1e-3"])
+    assert res["step"] == 2 and "val_loss" in res
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in log if "loss" in r]
+    # the loss counts the agent's tokens only: "Action: step j" + <|im_end|> per turn, two trajectories a step
+    assert all(0 < r["tokens"] < 60 for r in steps)
+    s = ev.main(["--model", path, "--data=fakeworld", f"--mode={mode}", f"--adapter={out}/final", "--max_turns=2",
+                 "--turn_tokens=6", "--max_context=256", "--batch_size=2", "--dtype=float32", "--progress=false",
+                 f"--table={tmp_path}/table", f"--results_md={tmp_path}/results.md"])
+    assert s["n"] == 3 and s["turns_per_episode"] > 0 and "mean_score" in s and "success_rate" in s
+    if mode == "memgen":
+        assert s["insertions_per_turn"] >= 1  # a prompt insertion every turn at least
+    folder = next((tmp_path / "out" / "eval").iterdir())
+    assert folder.name.endswith("-max_turns2-turn_tokens6-max_context256")  # the episode settings name the folder
+    assert len((folder / "results.jsonl").read_text().splitlines()) == 3
+    assert "fakeworld pass@1" in (tmp_path / "table.md").read_text()
