@@ -104,7 +104,13 @@ def resolve_adapter(name):
     parts = path.split("/")
     if not is_hub_path(path):
         return name  # a missing local folder: never a network call
-    return convert(download_official(path), _label(parts[2:]))
+    from data.download import DownloadError
+
+    try:
+        folder = download_official(path)
+    except DownloadError as e:
+        raise DownloadError(f"{e}; or pass --adapter=PATH to a local copy of the checkpoint") from None
+    return convert(folder, _label(parts[2:]))
 
 
 def is_hub_path(path):
@@ -162,7 +168,11 @@ def download_official(path, cache=None):
 def _inside(folder):
     """The checkpoint folder within a download (kept at its depth below the path asked for: its name, such as
     pn=1_pl=8_in=3_il=8, states the run's rules)."""
-    return str(next(p.parent for p in sorted(Path(folder).rglob("*.bin")) if p.name in ("projs.bin", "weaver.bin")))
+    found = next((p.parent for p in sorted(Path(folder).rglob("*.bin")) if p.name in ("projs.bin", "weaver.bin")), None)
+    if found is None:
+        raise lora.AdapterError(f"{folder} holds no official checkpoint (projs.bin, weaver.bin): delete it to download "
+                                "again")
+    return str(found)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -249,7 +259,11 @@ def read_parts(folder, fname):
     path = os.path.join(folder, fname)
     if not os.path.isfile(path):
         raise lora.AdapterError(f"{folder} is an official MemGen checkpoint without {fname}: download it again")
-    flat, table = _flat(_bin(path)), TENSORS[fname]
+    tree, table = _bin(path), TENSORS[fname]
+    if not isinstance(tree, dict):
+        raise lora.AdapterError(f"{path} holds a {type(tree).__name__}, not the dict of tensors the official code "
+                                "saves")
+    flat = _flat(tree)
     extra = sorted(k for k in flat if k not in table or not isinstance(flat[k], torch.Tensor))
     missing = sorted(set(table) - set(flat))
     if extra or missing:

@@ -153,7 +153,7 @@ def test_an_official_checkpoint_matches_transformers_and_peft(checkpoint, cache,
     assert not (Path(converted) / "trigger.safetensors").exists()  # trigger_active false: never trained
     assert "not converted" in info["official"]["trigger"]
 
-    model, tok = load_model(path, dtype="float32"), load_tokenizer(path)
+    model, tok = load_model(path, dtype="float32", device="cpu"), load_tokenizer(path)
     mg = loading.memgen_for(model, tok, converted, "always").eval()
     assert (mg.k, mg.n) == (K, N)
     ids, mask, prompt_len = batch(tok)
@@ -183,7 +183,7 @@ def test_a_trained_trigger_and_bin_adapters_convert_too(tiny, tmp_path, cache):
     assert (folder / "weaver/weaver/adapter_model.bin").is_file()
     converted = official.resolve_adapter(str(folder))
     assert (Path(converted) / "trigger.safetensors").is_file()
-    model, tok = load_model(path, dtype="float32"), load_tokenizer(path)
+    model, tok = load_model(path, dtype="float32", device="cpu"), load_tokenizer(path)
     mg = loading.memgen_for(model, tok, converted, "learned").eval()
     ids, mask, _ = batch(tok)
     ref = Reference(folder, path)
@@ -361,3 +361,16 @@ def test_show_pages_an_official_checkpoint(long_folder, tmp_path, cache):
     assert about["k"] == K and about["n"] == N and about["adapter"] == str(folder)
     assert json.loads(about["adapter_info"])["weaver"]["official"]["source"] == str(folder)
     assert str(folder) in (out / "problem-00000.html").read_text()  # the page names the checkpoint it shows
+
+
+def test_a_file_that_is_no_dict_and_an_unreachable_hub_are_one_line(checkpoint, tmp_path, cache, monkeypatch):
+    from data.download import DownloadError
+
+    bad = shutil.copytree(checkpoint[0], tmp_path / "bad")
+    torch.save(torch.zeros(3), bad / "projs.bin")
+    with pytest.raises(lora.AdapterError, match=r"projs\.bin holds a Tensor, not the dict of tensors"):
+        official.resolve_adapter(str(bad))
+    monkeypatch.setenv("MEMGEN_HF_ENDPOINT", f"file://{tmp_path / 'no-hub'}")
+    with pytest.raises(DownloadError, match="or pass --adapter=PATH to a local copy of the checkpoint") as e:
+        official.resolve_adapter("Kana-s/MemGen/Tiny/gsm8k/weaver-sft")
+    assert "\n" not in str(e.value)

@@ -104,7 +104,7 @@ def test_config_reads_the_nope_layers(smol, tied):
 @pytest.mark.parametrize("tied", [True, False])
 def test_logits_match_transformers(smol, tied):
     path, hf = smol(tied)
-    model = load_model(path, dtype="float32")
+    model = load_model(path, dtype="float32", device="cpu")
     ids = torch.randint(0, model.cfg.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = hf(ids).logits
@@ -120,7 +120,7 @@ def test_logits_match_transformers(smol, tied):
 @pytest.mark.parametrize("tied", [True, False])
 def test_left_padded_batch_matches_transformers(smol, tied):
     path, hf = smol(tied)
-    model = load_model(path, dtype="float32")
+    model = load_model(path, dtype="float32", device="cpu")
     lens = [30, 17, 5]
     ids = torch.randint(0, model.cfg.vocab_size, (3, 30), generator=torch.Generator().manual_seed(2))
     mask = torch.zeros(3, 30, dtype=torch.bool)
@@ -136,7 +136,7 @@ def test_left_padded_batch_matches_transformers(smol, tied):
 @pytest.mark.parametrize("prealloc", [True, False])
 def test_cached_equals_uncached(smol, tied, prealloc):
     path, _ = smol(tied)
-    model = load_model(path, dtype="float32")
+    model = load_model(path, dtype="float32", device="cpu")
     ids = torch.randint(0, model.cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(3))
     mask = torch.ones(2, 24, dtype=torch.bool)
     mask[1, :6] = False
@@ -153,7 +153,7 @@ def test_cached_equals_uncached(smol, tied, prealloc):
 @pytest.mark.parametrize("tied", [True, False])
 def test_greedy_generate_matches_transformers(smol, tied):
     path, hf = smol(tied)
-    model, tok = load_model(path, dtype="float32"), load_tokenizer(path)
+    model, tok = load_model(path, dtype="float32", device="cpu"), load_tokenizer(path)
     prompts = [tok.chat([{"role": "user", "content": t}]) for t in
                ["What is 2+3?", "Hello there, how are you doing today?", "x", "Count: 1, 2, 3,"]]
     seqs, texts = generate(model, tok, prompts, max_new_tokens=24)
@@ -167,7 +167,7 @@ def test_greedy_generate_matches_transformers(smol, tied):
 
 
 def make_memgen(path, k=4, n=3, seed=0):
-    model, tok = load_model(path, dtype="float32"), load_tokenizer(path)
+    model, tok = load_model(path, dtype="float32", device="cpu"), load_tokenizer(path)
     torch.manual_seed(seed)
     mg = memgen.MemGen(model, tok, k=k, n=n).eval()
     g = torch.Generator().manual_seed(seed + 1)
