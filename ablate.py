@@ -34,6 +34,7 @@ import evaluation
 import lora
 import loading
 import memgen
+import errors
 import settings
 import training
 from files import pyplot, save_figure, write_atomic
@@ -440,7 +441,7 @@ def quick_setup():
 
 
 def main(argv=None):
-    with loading.one_line_errors(_PROG):
+    with errors.one_line_errors(_PROG):
         cfg, _ = settings.parse(sys.argv[1:] if argv is None else list(argv), globals(), _PROG)
         if cfg["quick"]:
             cfg.update(steps=min(cfg["steps"], 4), eval_every=2, val_size=4, ood_size=4, batch_size=2,

@@ -35,6 +35,7 @@ import settings
 import training
 from model import Config, Transformer, generate
 from reference import naive_forward, official_style_decode
+import errors
 
 MODEL = ""  # the model to time: a local Hugging Face folder (Qwen2 or Llama) or a hub id; required unless QUICK
 DATA = "gsm8k"  # the task whose first problems are the prompts (and, for the SFT step, the targets)
@@ -161,7 +162,7 @@ def report(rows, name, value, unit, **extra):
 
 def main(argv=None):
     """Run every figure; returns the headline ratios."""
-    with loading.one_line_errors(_PROG):
+    with errors.one_line_errors(_PROG):
         cfg, _ = settings.parse(sys.argv[1:] if argv is None else list(argv), globals(), _PROG)
         settings.at_least(cfg, 1, "batch_size", "max_new_tokens", "rl_prompts", "rl_group", "rl_new_tokens")
         settings.one_of(cfg, "only", ("", "train", "decode"))

@@ -14,6 +14,7 @@ import sys
 import time
 
 import data
+import errors
 import loading
 import memory
 import settings
@@ -72,7 +73,7 @@ def check(cfg, given):
 
 def main(argv=None):
     """Build (or resume) the memory directory; returns its meta."""
-    with loading.one_line_errors(_PROG):
+    with errors.one_line_errors(_PROG):
         try:
             cfg, given = settings.parse(sys.argv[1:] if argv is None else list(argv), globals(), _PROG)
             check(cfg, given)

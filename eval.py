@@ -22,6 +22,7 @@ import sys
 import time
 
 import data
+import errors
 import evaluation
 import loading
 import memgen
@@ -99,7 +100,7 @@ def check(cfg, given):
 def main(argv=None):
     """Evaluate on each task of --data (comma-separated); returns the summary dict (also written to summary.json),
     or {data: summary} for several tasks, whose pass@1 also go to the cross-domain table (--table)."""
-    with loading.one_line_errors(_PROG):
+    with errors.one_line_errors(_PROG):
         cfg, given = settings.parse(sys.argv[1:] if argv is None else list(argv), globals(), _PROG)
         check(cfg, given)
         specs = [d.strip() for d in cfg["data"].split(",") if d.strip()]
@@ -136,6 +137,8 @@ def evaluate_task(cfg, task, model, tok, policy, gen_mode):
                model=os.path.abspath(cfg["model"]) if os.path.isdir(cfg["model"]) else cfg["model"],
                adapter=os.path.abspath(cfg["adapter"]) if cfg["adapter"] else "",
                trigger_mode=cfg["trigger_mode"] if cfg["mode"] == "memgen" else None)
+    if isinstance(policy, memgen.MemGen):  # the rules it decodes under: the adapter's own (its weaver.json)
+        run["rules"] = memgen.rules(policy)
     if cfg["mode"] in _MEMORIES:
         run.update(memory=os.path.abspath(cfg["memory"]), memory_budget=cfg["memory_budget"],
                    memory_top_k=cfg["memory_top_k"])

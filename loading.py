@@ -4,13 +4,13 @@ adapters - each with the checks that turn a bad input into one line that names i
 
     device = resolve_device("auto")                      # "cuda" asked for without CUDA is refused here
     model, tok = load_base("Qwen/...", "auto", device)   # a hub id is downloaded once; a local-looking path never is
-    check_adapter(folder, "weaver", model, k=8)          # K and base-model checks, from the adapter's json
+    check_adapter(folder, "weaver", model)               # the base-model check, from the adapter's json
+    mg = memgen_for(model, tok, folder, "always", given={"boundary": "official"})   # built with the adapter's rules
     policy = load_policy("memgen", model, tok, folder, "always")
 
-Scripts wrap their main in `with one_line_errors(prog):` so that every such error ends the run with
-`prog: error: message` and exit status 2 (settings.die), never a traceback.
+Each error is a LoadError (or the ModelError / AdapterError of model.py and lora.py); errors.one_line_errors turns
+them into one line for the user.
 """
-import contextlib
 import json
 import os
 
@@ -18,34 +18,12 @@ import torch
 
 import lora
 import memgen
-import settings
-from model import ModelError
 
 MODES = ("vanilla", "lora", "memgen")
 
 
 class LoadError(ValueError):
     """A model, adapter or device that cannot be used; the message says which and what to do."""
-
-
-def user_errors():
-    """The exception types that mean a bad input (a message for the user), not a bug (a traceback for us)."""
-    from data import DataError
-    from data.download import DownloadError
-    from evaluation import EvalError
-    from training import TrainError
-
-    return (settings.SettingsError, LoadError, ModelError, lora.AdapterError, DataError, DownloadError, EvalError,
-            TrainError)
-
-
-@contextlib.contextmanager
-def one_line_errors(prog):
-    """Turn a bad-input error raised inside the block into `prog: error: message` and exit status 2."""
-    try:
-        yield
-    except user_errors() as e:
-        settings.die(prog, " ".join(str(e).split()))
 
 
 # -----------------------------------------------------------------------------
@@ -113,24 +91,36 @@ def adapter_info(folder, part):
         raise LoadError(f"cannot read {path} ({e}); the adapter folder is damaged") from None
 
 
-def check_adapter(folder, part, model, k=None, allow_other_base=False):
-    """An adapter must have been trained on this base model (unless allow_other_base) and, for the weaver, with
-    this run's K. Returns its json."""
+def check_adapter(folder, part, model, allow_other_base=False):
+    """An adapter must have been trained on this base model (unless allow_other_base). Returns its json."""
     info = adapter_info(folder, part)
     if not allow_other_base and not _same_model(info.get("base_model"), model.cfg.name):
         raise LoadError(f"{folder}/{part}.json was trained on base model {info.get('base_model')}, this run loads "
                         f"{model.cfg.name}: pass that --model, or --allow_other_base=true to load it anyway")
-    if k is not None and "k" in info and info["k"] != k:
-        raise LoadError(f"{folder}/{part}.json: this adapter has K={info['k']} latents; pass --k={info['k']}")
     return info
 
 
-def memgen_for(model, tok, folder, mode, allow_other_base=False):
-    """A MemGen shaped like the weaver saved in `folder` (K, N, LoRA shape from weaver.json), with the weaver and,
-    when the folder holds one, the trigger loaded."""
+def adapter_rules(folder, info, given=None):
+    """The rules the weaver in `folder` was trained under (memgen.saved_rules of its json `info`). `given`:
+    {setting: value} the user set on the command line (k, n, boundary, latent_init, ...); one that contradicts the
+    adapter is refused, since the adapter decides how it must be run."""
+    rules = memgen.saved_rules(info)
+    for key, value in (given or {}).items():
+        if key in rules and value != rules[key]:
+            raise LoadError(f"--{key}={value} contradicts {folder}/weaver.json, which was trained with {key}="
+                            f"{rules[key]}: drop --{key} (the adapter brings its own) or pass another --adapter")
+    return rules
+
+
+def memgen_for(model, tok, folder, mode, allow_other_base=False, given=None):
+    """A MemGen built like the weaver saved in `folder` (its rules - K, N, boundary, delimiters, latent_init - and
+    LoRA shape from weaver.json), with the weaver and, when the folder holds one, the trigger loaded. `given`: the
+    command-line settings to hold against the adapter's rules (adapter_rules)."""
     info = check_adapter(folder, "weaver", model, allow_other_base=allow_other_base)
-    mg = memgen.MemGen(model, tok, info.get("k", memgen.K), info.get("n", memgen.N), mode, info["rank"],
-                       info["alpha"], info["dropout"], tuple(info["targets"]))
+    r = adapter_rules(folder, info, given)
+    mg = memgen.MemGen(model, tok, r["k"], r["n"], mode, info["rank"], info["alpha"], info["dropout"],
+                       tuple(info["targets"]), boundary=r["boundary"], latent_init=r["latent_init"],
+                       delimiters=r["delimiters"])
     parts = ["weaver"]
     if os.path.isfile(os.path.join(folder, "trigger.safetensors")):
         check_adapter(folder, "trigger", model, allow_other_base=allow_other_base)

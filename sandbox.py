@@ -18,9 +18,9 @@ Every program gets:
 
 With kernel layers (Linux with util-linux `unshare` where namespaces are allowed; kernel=False or the environment
 variable MEMGEN_SANDBOX_KERNEL=0 turns them off) the program also runs
-  - in new network, PID, mount, IPC and UTS namespaces: no network but a loopback that is down; it sees and can
-    signal only its own processes; when it exits or is killed, the namespace's first process (a small supervisor
-    that the program cannot signal) exits and the kernel kills every process the program left behind;
+  - in new network, PID, mount, IPC and UTS namespaces: no network but a loopback that is down; it is process 1
+    of its PID namespace and sees and can signal only its own processes; when it ends or is killed, the kernel
+    kills every process it left behind (its supervisor, the runner's first process, waits outside the namespace);
   - as a uid/gid of its own that owns no files (when the grader is root; then the kernel also enforces
     RLIMIT_NPROC), or without any capability in a user namespace (when the grader is not root);
   - with every mount read-only and nosuid, its working directory a small private tmpfs (WORK_MB), and no setuid
@@ -56,23 +56,25 @@ ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
 KERNEL = os.environ.get("MEMGEN_SANDBOX_KERNEL", "1") != "0"  # 0: guard and limits only, even where namespaces work
 UID_BASE = 2_000_000_000  # as root, each program runs as UID_BASE + a number unique among the programs running now
 UNSHARE = shutil.which("unshare", path="/usr/bin:/bin:/usr/sbin:/sbin")
-UNSHARE_FLAGS = ("--net", "--pid", "--mount", "--ipc", "--uts", "--fork", "--kill-child", "--mount-proc")
+UNSHARE_FLAGS = ("--net", "--pid", "--mount", "--ipc", "--uts")  # no --fork: the runner forks (see RUNNER)
 
-# The child runs this (python -c RUNNER program.py MEMORY_BYTES CPU_S FSIZE_BYTES NPROC GUARD CONTAIN WORK_MB
-# STATUS_FD), limits, then the guard, then the program as __main__. The limits are set here rather than in Popen's
-# preexec_fn because run_many calls Popen from several threads, where preexec_fn is documented as unsafe (it can
-# deadlock). CONTAIN is "-" (no kernel layers), a uid (the grader is root) or "userns"; with one of the last two
-# the runner is process 1 of fresh namespaces made by `unshare`, root there, and contain() builds the kernel
-# layers, forks the program's process and reports its wait status on STATUS_FD.
+# The child runs this (python -c RUNNER program.py MEMORY_BYTES CPU_S FSIZE_BYTES NPROC GUARD CONTAIN WORK_MB):
+# limits, then the guard, then the program as __main__. The limits are set here rather than in Popen's preexec_fn
+# because run_many calls Popen from several threads, where preexec_fn is documented as unsafe (it can deadlock).
+# CONTAIN is "-" (no kernel layers), a uid (the grader is root) or "userns". With one of the last two, `unshare`
+# has put the runner in new namespaces (root there) except for the PID namespace, which only its children enter:
+# contain() builds the mounts, then forks the program, which becomes process 1 of that PID namespace, while the
+# runner stays outside it as a supervisor that waits and ends the way the program ended. (unshare --fork would cost
+# a process and a wake-up more, and cannot pass on a death by signal.)
 RUNNER = r'''
 import os, resource, sys
 
-_, path, memory, cpu, fsize, nproc, guard, contain_as, work_mb, status_fd = sys.argv
+_, path, memory, cpu, fsize, nproc, guard, contain_as, work_mb = sys.argv
 with open(path, encoding="utf-8", errors="replace") as f:
     source = f.read()
 
 
-def contain(contain_as, work_mb, status_fd):
+def contain(contain_as, work_mb):
     import _ctypes  # the C half of ctypes: importing the ctypes package would double the start-up cost
 
     class Long(_ctypes._SimpleCData):
@@ -94,7 +96,7 @@ def contain(contain_as, work_mb, status_fd):
         return call
 
     mount, syscall, prctl, capset = libc("mount"), libc("syscall"), libc("prctl"), libc("capset")
-    MS_NOSUID, MS_NODEV, MS_BIND, MS_REC = 2, 4, 4096, 16384
+    MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND, MS_REC = 1, 2, 4, 8, 4096, 16384
     ATTR_RDONLY, ATTR_NOSUID, AT_RECURSIVE, SYS_MOUNT_SETATTR = 1, 2, 0x8000, 442  # 442 on x86-64 and arm64
 
     def read_only(where):  # mount_setattr(2): every mount at and below `where` read-only and nosuid
@@ -138,11 +140,19 @@ def contain(contain_as, work_mb, status_fd):
     os.chdir(work)  # into the tmpfs that now covers it
 
     pid = os.fork()
-    if pid:  # the supervisor: wait, report, exit; the kernel then kills whatever the program left behind
-        status = os.waitpid(pid, 0)[1]
-        os.write(status_fd, str(status).encode())
-        os._exit(0)
-    os.close(status_fd)
+    if pid:  # the supervisor. When the program (process 1) ends, the kernel kills every process it left behind
+        status = os.waitpid(pid, 0)[1]  # and only then reports its end
+        if os.WIFSIGNALED(status):
+            import _signal
+            resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+            if os.WTERMSIG(status) != _signal.SIGKILL:  # (SIGKILL's disposition cannot be set, nor needs to be)
+                _signal.signal(os.WTERMSIG(status), _signal.SIG_DFL)
+            os.kill(os.getpid(), os.WTERMSIG(status))
+        os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 1)
+    try:  # a /proc that shows only this PID namespace
+        mount(b"proc", b"/proc", b"proc", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
+    except PermissionError:
+        pass  # a container that hides parts of /proc forbids new ones: other processes stay visible, not reachable
     if uid is None:  # user namespace: drop every capability from all sets, for good
         for cap in range(64):
             try:
@@ -158,7 +168,7 @@ def contain(contain_as, work_mb, status_fd):
 
 
 if contain_as != "-":
-    contain(contain_as, int(work_mb), int(status_fd))
+    contain(contain_as, int(work_mb))
 del contain
 for what, n in ((resource.RLIMIT_AS, memory), (resource.RLIMIT_CPU, cpu), (resource.RLIMIT_FSIZE, fsize),
                 (resource.RLIMIT_NPROC, nproc), (resource.RLIMIT_CORE, 0)):
@@ -168,7 +178,7 @@ for what, n in ((resource.RLIMIT_AS, memory), (resource.RLIMIT_CPU, cpu), (resou
 
 
 def install_guard(root):
-    import _posixsubprocess, builtins, faulthandler, io, os, posix, shutil, subprocess
+    import _posixsubprocess, builtins, faulthandler, io, os, posix
 
     faulthandler.disable()  # a crash is just a failure; no C-level dumps of the grader's state
     root = os.path.realpath(root)
@@ -226,9 +236,8 @@ def install_guard(root):
             patch(name, inside_only(f"os.{name}", getattr(os, name)))
     patch("open", guarded_os_open)
     builtins.open = io.open = guarded_open  # pathlib and most of the stdlib open files through io.open
-    for name in ("rmtree", "move", "chown"):
-        setattr(shutil, name, blocked(f"shutil.{name}"))
-    subprocess.Popen = blocked("subprocess.Popen")  # run/call/check_output all go through Popen
+    # subprocess (Popen, run, ...) ends in fork_exec or posix_spawn, shutil's rmtree/move/chown in the os calls
+    # patched above: importing the two here would cost more than the rest of the guard (re, enum, lzma, ...)
     _posixsubprocess.fork_exec = blocked("_posixsubprocess.fork_exec")
     for name in ("ctypes", "_ctypes"):  # foreign calls would reach libc directly
         sys.modules[name] = None
@@ -250,7 +259,7 @@ try:
 except OSError as e:
     if e.errno == errno.ENETUNREACH:  # a loopback that is down: no route even to ourselves
         layers.append("network namespace")
-if os.getpid() == 2 and {p for p in os.listdir("/proc") if p.isdigit()} <= {"1", "2"}:
+if os.getpid() == 1:  # the first process of a PID namespace of its own
     layers.append("pid namespace")
 outside = os.path.dirname(os.path.dirname(os.getcwd()))  # the grader's temporary folder
 if all(os.statvfs(p).f_flag & os.ST_RDONLY for p in ("/", outside)) and not os.statvfs(".").f_flag & os.ST_RDONLY:
@@ -307,11 +316,12 @@ def _kill_group(pgid):
         pass  # the group is already gone
 
 
-def _kill_supervisor(unshare_pid):
-    """SIGKILL the namespaces' process 1 (unshare's child): the kernel then kills every process in them before
-    unshare can reap it, so waiting for unshare afterwards waits for all of them. False if there is none yet."""
+def _kill_program(supervisor):
+    """SIGKILL the program, process 1 of its PID namespace (the supervisor's child): the kernel then kills every
+    process in that namespace before the supervisor can reap it, so waiting for the supervisor afterwards waits for
+    all of them. False if there is no child (yet)."""
     try:
-        with open(f"/proc/{unshare_pid}/task/{unshare_pid}/children") as f:
+        with open(f"/proc/{supervisor}/task/{supervisor}/children") as f:
             children = [int(pid) for pid in f.read().split()]
     except OSError:
         return False
@@ -340,45 +350,25 @@ def _execute(code, timeout, memory_mb, cpu_s, max_output, guard, mode):
         if mode == "uid":  # distinct among the programs running now (several threads, several graders)
             contain_as = str(UID_BASE + (os.getpid() % 1000) * 1000 + next(_run_numbers) % 1000)
             os.chmod(root, 0o711)  # that uid may pass through to its working directory, not list or write here
-        status_r, status_w = os.pipe() if mode else (-1, -1)
         args = [sys.executable, *PYTHON_FLAGS, "-c", RUNNER, program, str(memory_mb << 20), str(cpu_s),
-                str(MAX_FILE_MB << 20), str(MAX_PROCESSES), "1" if guard else "0", contain_as, str(WORK_MB),
-                str(status_w)]
+                str(MAX_FILE_MB << 20), str(MAX_PROCESSES), "1" if guard else "0", contain_as, str(WORK_MB)]
         if mode:
             args = [UNSHARE, *UNSHARE_FLAGS, *(("--user", "--map-root-user") if mode == "userns" else ()), *args]
-        try:
-            with open(out_path, "wb") as out, open(err_path, "wb") as err:
-                proc = subprocess.Popen(args, cwd=work, env={**ENV, "HOME": work, "TMPDIR": work},
-                                        stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True,
-                                        pass_fds=(status_w,) if mode else ())
-                if mode:
-                    os.close(status_w)
-                    status_w = -1
-                try:
-                    proc.wait(timeout)
-                    timed_out = False
-                except subprocess.TimeoutExpired:
-                    timed_out = True
-                    if mode and _kill_supervisor(proc.pid):
-                        try:
-                            proc.wait(10)  # returns once the kernel has killed the whole namespace
-                        except subprocess.TimeoutExpired:
-                            pass
-                _kill_group(proc.pid)  # on a timeout the program; otherwise any process it left behind
-                returncode = proc.wait()
-            if mode:
-                os.set_blocking(status_r, False)
-                try:
-                    status = os.read(status_r, 64)
-                except BlockingIOError:
-                    status = b""
-                # unshare itself cannot pass on a death by signal (it exits 1): the supervisor reports it
-                returncode = (os.waitstatus_to_exitcode(int(status)) if status else
-                              -signal.SIGKILL if timed_out else returncode)
-        finally:
-            for fd in (status_r, status_w):
-                if fd >= 0:
-                    os.close(fd)
+        with open(out_path, "wb") as out, open(err_path, "wb") as err:
+            proc = subprocess.Popen(args, cwd=work, env={**ENV, "HOME": work, "TMPDIR": work},
+                                    stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True)
+            try:
+                proc.wait(timeout)
+                timed_out = False
+            except subprocess.TimeoutExpired:
+                timed_out = True
+                if mode and _kill_program(proc.pid):
+                    try:
+                        proc.wait(10)  # returns once the kernel has killed the whole namespace
+                    except subprocess.TimeoutExpired:
+                        pass
+            _kill_group(proc.pid)  # on a timeout the program; otherwise any process it left behind
+            returncode = proc.wait()
         return {"ok": returncode == 0 and not timed_out, "returncode": returncode, "timed_out": timed_out,
                 "stdout": _tail(out_path, max_output), "stderr": _tail(err_path, max_output), "pid": proc.pid}
 

@@ -29,6 +29,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
+import errors
 import loading
 import memgen
 import official
@@ -48,7 +49,7 @@ TEMPERATURE = 0.0  # 0 = greedy
 SEED = 0  # sampling and the random trigger (problem i decodes with SEED + i), and the random weaver
 K = 8  # latents per insertion when there is no ADAPTER (an adapter brings its own K and N)
 N = 3  # at most N inference insertions per completion, when there is no ADAPTER
-BOUNDARY = "official"  # official: after every "," "." "\n" | sentence: not inside numbers (memgen.BOUNDARIES)
+BOUNDARY = "official"  # without ADAPTER: official (after every "," "." "\n") | sentence (not inside numbers)
 LATENT_INIT = "paper"  # the random weaver's latent scale, without ADAPTER: paper | embedding (memgen.LATENT_INITS)
 TOP_TOKENS = 5  # nearest tokens per latent, and tokens shown per next-token distribution
 DTYPE = "auto"  # auto | float32 | bfloat16 | float16
@@ -399,8 +400,9 @@ def problem_html(rec, tok, about, stats):
 
 def settings_html(about):
     rows = [[esc(k), f"<code>{esc(v)}</code>"] for k, v in about["settings"].items()]
-    rows += [[esc(k), f"<code>{esc(about[k])}</code>"] for k in ("model_name", "k", "n", "adapter_info", "dtype",
-                                                                  "device", "torch", "commit")]
+    rows += [[esc(k), f"<code>{esc(about[k])}</code>"] for k in ("model_name", "k", "n", "rules", "adapter_info",
+                                                                  "dtype", "device", "torch", "commit")
+             if k in about]
     return table(["setting", "value"], rows)
 
 
@@ -513,20 +515,16 @@ def build_memgen(model, tok, cfg, given):
         mg = memgen.MemGen(model, tok, cfg["k"], cfg["n"], cfg["trigger_mode"], boundary=cfg["boundary"],
                            latent_init=cfg["latent_init"])
         return mg.eval(), {}
-    if "latent_init" in given:
-        raise ShowError("--latent_init shapes a randomly initialised weaver; an --adapter brings its trained one")
     info = {"weaver": loading.adapter_info(folder, "weaver")}
-    for key, default in (("k", memgen.K), ("n", memgen.N)):
-        if key in given and cfg[key] != info["weaver"].get(key, default):
-            raise ShowError(f"--{key}={cfg[key]} but the adapter was trained with {key.upper()}="
-                            f"{info['weaver'].get(key, default)}: drop --{key}")
     if os.path.isfile(os.path.join(folder, "trigger.safetensors")):
         info["trigger"] = loading.adapter_info(folder, "trigger")
     elif cfg["trigger_mode"] == "learned":
         raise ShowError(f"--trigger_mode=learned but {folder} holds no trigger.safetensors: train one with "
                         "train_trigger.py, or use --trigger_mode=always")
-    mg = loading.memgen_for(model, tok, folder, cfg["trigger_mode"], cfg["allow_other_base"])
-    mg.boundary = cfg["boundary"]  # a decoding rule, not part of the saved adapter
+    # the adapter brings its K, N, boundary rule and delimiters; --k, --n, --boundary, --latent_init that say
+    # otherwise are refused (loading.adapter_rules)
+    mg = loading.memgen_for(model, tok, folder, cfg["trigger_mode"], cfg["allow_other_base"],
+                            given={k: cfg[k] for k in ("k", "n", "boundary", "latent_init") if k in given})
     return mg.eval(), info
 
 
@@ -552,6 +550,7 @@ def describe(cfg, mg, adapter_info):
     """What a page says about how it was made: the settings, the model, the adapter, the versions."""
     model = mg.model
     return {"settings": dict(cfg), "adapter": cfg["adapter"], "model_name": model.cfg.name, "k": mg.k, "n": mg.n,
+            "rules": memgen.rules(mg),  # what decoding followed (an adapter's own, whatever the settings say)
             "adapter_info": json.dumps(adapter_info, sort_keys=True) if adapter_info else
             f"none: random initialisation, seed {cfg['seed']}",
             "dtype": str(model.dtype).removeprefix("torch."), "device": str(model.device),
@@ -612,7 +611,7 @@ def run(cfg, given):
 
 
 def main(argv=None):
-    with loading.one_line_errors("show.py"):
+    with errors.one_line_errors("show.py"):
         cfg, given = settings.parse(sys.argv[1:] if argv is None else argv, globals(), "show.py")
         check(cfg)
         return run(cfg, given)

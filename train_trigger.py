@@ -24,6 +24,7 @@ import shutil
 import torch
 
 import data
+import errors
 import evaluation
 import loading
 import memgen
@@ -83,7 +84,7 @@ def check(cfg):
 
 def main(argv=None):
     """Train; returns {"step", "out_dir", "policy" (the MemGen), validation metrics, "final_eval"}."""
-    with loading.one_line_errors(_PROG):
+    with errors.one_line_errors(_PROG):
         run = training.start(_PROG, argv, globals(), check, prefix="trigger")
         cfg = run.cfg
         run.rl = True

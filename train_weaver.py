@@ -17,10 +17,15 @@ What is trained (the reasoner's own weights never change):
   sft, grpo            the weaver: its LoRA, the prompt/inference queries, their LayerNorms and scales, and the
                        reasoner->weaver and weaver->reasoner maps (memgen.MemGen.trainable("weaver"))
   sft-lora, grpo-lora  one LoRA ("sft") on the reasoner itself, same layers and rank: the paper's SFT/GRPO rows
+
+A saved weaver's weaver.json records the rules it was trained under - K, N, BOUNDARY, the delimiters, LATENT_INIT
+(memgen.RULES) - and every script that loads it runs it by them: --adapter continues under the adapter's rules, and
+--k, --n, --boundary or --latent_init given against them is refused.
 """
 import torch
 
 import data
+import errors
 import evaluation
 import lora
 import loading
@@ -52,6 +57,8 @@ LIMIT = 0  # train on the first LIMIT training rows (0 = all)
 # --- MemGen (paper §4.1: K = 8, at most 3 inference insertions, LoRA r 16 / alpha 32 / dropout 0.1 on q_proj, v_proj)
 K = memgen.K  # latent vectors the weaver writes per insertion
 N = memgen.N  # at most N insertions after sentence ends per completion (plus the one at the end of the prompt)
+BOUNDARY = memgen.BOUNDARY  # where insertions go: official (after every , . newline) | sentence (not inside 3.5, 1,000)
+LATENT_INIT = memgen.LATENT_INIT  # a new weaver's first latents: paper (nn.Linear's init) | embedding (token scale)
 TRIGGER_MODE = "always"  # when to insert in GRPO rollouts and validation: always | learned | random | off
 LORA_RANK = lora.RANK  # rank r of the LoRA adapter (the weaver's, or the baseline's)
 LORA_ALPHA = lora.ALPHA  # LoRA scale numerator: the update is (alpha / r) B A x
@@ -81,22 +88,27 @@ _METHODS = ("sft", "grpo", "sft-lora", "grpo-lora")
 _PROG = "train_weaver.py"
 
 
+_RULES = ("k", "n", "boundary", "latent_init")  # the settings a saved weaver records (memgen.RULES) and brings back
+
+
 def check(cfg):
     settings.one_of(cfg, "method", _METHODS)
     settings.one_of(cfg, "trigger_mode", memgen.TRIGGER_MODES)
+    settings.one_of(cfg, "boundary", memgen.BOUNDARIES)
+    settings.one_of(cfg, "latent_init", memgen.LATENT_INITS)
 
 
 def main(argv=None):
     """Train; returns {"step", "out_dir", "policy" (the trained MemGen or LoRA model), validation metrics,
     "final_eval"}."""
-    with loading.one_line_errors(_PROG):
+    with errors.one_line_errors(_PROG):
         run = training.start(_PROG, argv, globals(), check, prefix="{method}")
         cfg = run.cfg
         run.rl, is_mg = "grpo" in cfg["method"], cfg["method"] in ("sft", "grpo")
         run.model, run.tok = loading.load_base(cfg["model"], cfg["dtype"], run.device)
-        training.check_context(cfg, run.model, latents=(cfg["n"] + 1) * cfg["k"] if is_mg else 0)
         run.task = data.get_task(cfg["data"])
-        build_policy(run, is_mg)
+        build_policy(run, is_mg)  # K and N may come from --adapter
+        training.check_context(cfg, run.model, latents=(cfg["n"] + 1) * cfg["k"] if is_mg else 0)
         training.load_examples(run, need_target=not run.rl)
         return training.fit(run, grpo_step if run.rl else sft_step, validate,
                             save=lambda path: save(run, path), load=lambda path: load(run, path))
@@ -111,19 +123,36 @@ def build_policy(run, is_mg):
     torch.manual_seed(cfg["seed"])
     lora_shape = (cfg["lora_rank"], cfg["lora_alpha"], cfg["lora_dropout"], layers)
     if is_mg:
-        run.policy = memgen.MemGen(model, run.tok, cfg["k"], cfg["n"], cfg["trigger_mode"], *lora_shape)
+        r = weaver_rules(run)
+        run.policy = memgen.MemGen(model, run.tok, r["k"], r["n"], cfg["trigger_mode"], *lora_shape,
+                                   boundary=r["boundary"], latent_init=r["latent_init"], delimiters=r["delimiters"])
         params = run.policy.trainable("weaver")
     else:
         lora.inject(model, ["sft"], layers, *lora_shape[:3])
         run.policy, params = model, lora.parameters(model, "sft")
     if cfg["adapter"] and not run.resume:
-        loading.check_adapter(cfg["adapter"], "weaver" if is_mg else "sft", model, k=cfg["k"] if is_mg else None,
-                              allow_other_base=cfg["allow_other_base"])
+        if not is_mg:
+            loading.check_adapter(cfg["adapter"], "sft", model, allow_other_base=cfg["allow_other_base"])
         load(run, cfg["adapter"])
     run.params = list(params.values())
     for p in model.parameters():  # only the adapter tensors learn
         p.requires_grad_(any(p is q for q in run.params))
     run.vocab = min(run.tok.vocab_size, model.cfg.vocab_size)
+
+
+def weaver_rules(run):
+    """The rules the weaver is built with (memgen.RULES): a new weaver's come from the settings; a weaver that goes
+    on from --adapter (e.g. GRPO after SFT) keeps the ones it was trained with, which config.json then records, and
+    a setting given on the command line that contradicts them is an error; a resumed run has them in its
+    config.json (and its checkpoint the delimiters, which are no setting)."""
+    cfg = run.cfg
+    if run.resume or not cfg["adapter"]:
+        base = memgen.rules_at(run.resume) if run.resume else memgen.OFFICIAL
+        return dict(base, **{k: cfg[k] for k in _RULES})
+    info = loading.check_adapter(cfg["adapter"], "weaver", run.model, allow_other_base=cfg["allow_other_base"])
+    rules = loading.adapter_rules(cfg["adapter"], info, {k: cfg[k] for k in _RULES if k in run.given})
+    cfg.update({k: rules[k] for k in _RULES})
+    return rules
 
 
 def save(run, path):

@@ -54,6 +54,7 @@ class Run:
         self.out_dir, self.main = cfg["out_dir"], rank == 0
         self.model = self.tok = self.task = self.policy = None
         self.params, self.rl, self.train_set, self.val_set, self.skipped = [], False, [], [], 0
+        self.given = set()  # the settings set on this command line (start() fills it)
 
     def say(self, msg):
         if self.main:
@@ -104,7 +105,9 @@ def start(prog, argv, script_globals, check, prefix):
         raise TrainError(f"--batch_size={cfg['batch_size']} does not split over {world} processes; use a multiple")
     if not resume:
         claim_run_dir(cfg["out_dir"], cfg["overwrite"], rank == 0)
-    return Run(prog, cfg, rank, world, device, resume)
+    run = Run(prog, cfg, rank, world, device, resume)
+    run.given = set(given)  # held against a loaded adapter's rules (loading.adapter_rules)
+    return run
 
 
 def claim_run_dir(out_dir, overwrite, main):

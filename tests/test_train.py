@@ -459,10 +459,15 @@ def k4_weaver(folder, tmp_path_factory):
     return path
 
 
-def test_an_adapter_with_other_k_says_which_k_to_pass(folder, task, tmp_path, capsys, k4_weaver):
-    line = fails(tw.main, ["--model", folder, "--data", task, "--out_dir", str(tmp_path / "o"), "--method=grpo",
-                           f"--adapter={k4_weaver}", *QUIET], capsys)
-    assert line.endswith(f"{k4_weaver}/weaver.json: this adapter has K=4 latents; pass --k=4")
+def test_an_adapter_with_other_k_brings_it_and_a_contradicting_k_is_refused(folder, task, tmp_path, capsys,
+                                                                           k4_weaver):
+    args = ["--model", folder, "--data", task, "--out_dir", str(tmp_path / "o"), "--method=grpo",
+            f"--adapter={k4_weaver}", *QUIET]
+    line = fails(tw.main, args + ["--k=8"], capsys)
+    assert line.endswith(f"--k=8 contradicts {k4_weaver}/weaver.json, which was trained with k=4: drop --k (the "
+                         "adapter brings its own) or pass another --adapter")
+    res = tw.main(args + ["--max_steps=1", "--limit=4", "--group=2", "--max_new_tokens=2"])
+    assert res["policy"].k == 4 and json.loads((tmp_path / "o/config.json").read_text())["k"] == 4
 
 
 def test_an_adapter_from_another_base_model_is_refused_unless_allowed(folder, task, tmp_path, capsys, k4_weaver):
