@@ -512,6 +512,23 @@ def test_reading_a_file_only_the_graders_user_may_read():
         shutil.rmtree(folder)
 
 
+def test_the_working_folder_cannot_fill_the_disk(monkeypatch):
+    require("read-only filesystem")  # the only writable place left is the working folder, a tmpfs of WORK_MB
+    monkeypatch.setattr(sandbox, "WORK_MB", 4)
+    code = """
+        written = 0
+        try:
+            for i in range(100):
+                with open(f"f{i}", "wb") as f:
+                    f.write(bytes(1 << 20))
+                written += 1
+        except OSError as e:
+            print("full after", written, "MB:", e.strerror)
+    """
+    r = run(textwrap.dedent(code))
+    assert r["ok"] and "No space left on device" in r["stdout"] and int(r["stdout"].split()[2]) <= 4, r
+
+
 def test_fork_bomb_as_root():
     require("process limit")
     code = """
