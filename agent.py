@@ -391,9 +391,9 @@ def record(ep):
                                                                for t in ep["turns"]])
 
 
-def summarize(records):
+def summarize(records, memgen_rows=False):
     """Mean score (0-100), success rate (score 100, also reported as pass@1 for the cross-domain table), turns per
-    episode, wasted turns, reply tokens per turn, MemGen's insertions per turn, and how episodes ended."""
+    episode, wasted turns, reply tokens per turn, MemGen's insertions per turn (memgen_rows), and how episodes ended."""
     n = len(records)
     turns = [t for r in records for t in r["turns"]]
     out = dict(n=n, samples=1, skipped=0)
@@ -405,7 +405,7 @@ def summarize(records):
     out["turns_per_episode"] = len(turns) / n if n else 0.0
     out["wasted_turn_rate"] = sum(t["action"] is None for t in turns) / len(turns) if turns else 0.0
     out["tokens_per_turn"] = sum(t["tokens"] for t in turns) / len(turns) if turns else 0.0
-    if turns and all("insertions" in t for t in turns):
+    if memgen_rows:
         out["insertions_per_turn"] = sum(len(t["insertions"]) for t in turns) / len(turns)
         out["inference_insertions_per_turn"] = sum(sum(1 for i in t["insertions"] if i > 0) for t in turns) / len(turns)
     for end in ("done", "turn_limit", "context"):
@@ -461,7 +461,7 @@ def evaluate(policy, tok, task, rows, mode, messages=None, batch_size=8, max_tur
             env.close()
         for m, was in training.items():
             m.train(was)
-    summary = summarize([done[i] for i in ids])
+    summary = summarize([done[i] for i in ids], mode == "memgen")
     summary.update(wall_s=round(time.time() - t0, 3), generated_episodes=todo)
     return summary
 

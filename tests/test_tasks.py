@@ -61,7 +61,7 @@ def test_format_and_path_specs(qa_file):
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("mmlu", r"^unknown task 'mmlu'; use one of: gsm8k, humaneval, qa:FILE\.jsonl, choice:FILE\.jsonl, "
+    ("mmlu", r"^unknown task 'mmlu'; use one of: gsm8k, humaneval, scienceworld, qa:FILE\.jsonl, choice:FILE\.jsonl, "
              r"fever:FILE\.jsonl, FILE\.jsonl \(= qa:FILE\.jsonl\)$"),
     ("mmlu:x.jsonl", r"^unknown task 'mmlu'; use one of: gsm8k, humaneval"),
     ("../x.txt", r"^unknown task '\.\./x\.txt'; use one of"),
