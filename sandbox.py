@@ -49,7 +49,7 @@ MEMORY_MB = 1024          # address space; Python itself needs ~30 MB of it
 MIN_MEMORY_MB = 64        # below this the interpreter cannot even start
 MAX_OUTPUT = 10_000       # bytes of stdout and of stderr handed back (the tail: tracebacks and markers are last)
 MAX_FILE_MB = 16          # no file the program writes, stdout/stderr included, grows past this
-MAX_PROCESSES = 0         # RLIMIT_NPROC: 0 = the program cannot start a process (tests raise it to attack the PID layer)
+MAX_PROCESSES = 0         # RLIMIT_NPROC: 0 = no new process (tests raise it to attack the PID namespace)
 WORK_MB = 64              # size of the private tmpfs that is the working directory under the kernel layers
 PYTHON_FLAGS = ("-I", "-S")  # isolated mode, no site: faster start and no .pth code from site-packages
 ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
@@ -75,7 +75,7 @@ with open(path, encoding="utf-8", errors="replace") as f:
 
 
 def contain(contain_as, work_mb):
-    import _ctypes  # the C half of ctypes: importing the ctypes package would double the start-up cost
+    import _ctypes  # the C half of ctypes: the ctypes package on top would cost more than the rest of this
 
     class Long(_ctypes._SimpleCData):
         _type_ = "l"  # every argument goes as a C long: syscall() is variadic
@@ -164,7 +164,7 @@ def contain(contain_as, work_mb):
         os.setgroups([])
         os.setresgid(uid, uid, uid)
         os.setresuid(uid, uid, uid)
-    prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS: executing a setuid program or one with file capabilities gains nothing
+    prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS: executing a setuid or file-capability program gains nothing
 
 
 if contain_as != "-":
@@ -389,7 +389,10 @@ def _probe():
             why = "util-linux `unshare` not found"
         else:
             mode = "uid" if os.geteuid() == 0 else "userns"
-            r = _execute(PROBE, 20.0, MEMORY_MB, None, MAX_OUTPUT, False, mode)
+            try:
+                r = _execute(PROBE, 20.0, MEMORY_MB, None, MAX_OUTPUT, False, mode)
+            except OSError as e:  # unshare cannot even be started
+                r = {"ok": False, "stdout": "", "stderr": str(e), "returncode": None}
             try:
                 layers = json.loads(r["stdout"].strip().splitlines()[-1]) if r["ok"] else None
             except (ValueError, IndexError):

@@ -32,7 +32,8 @@ seconds = time.perf_counter() - t0
 children = resource.getrusage(resource.RUSAGE_CHILDREN)
 cpu = children.ru_utime + children.ru_stime  # every sandboxed process, waited for
 layers = sandbox.isolation()["layers"] if hasattr(sandbox, "isolation") else ["resource limits", "python guard"]
-print(json.dumps({"seconds": round(seconds, 3), "cpu_seconds": round(cpu, 3), "passed": sum(ok), "of": len(ok), "layers": layers}))
+print(json.dumps({"seconds": round(seconds, 3), "cpu_seconds": round(cpu, 3), "passed": sum(ok), "of": len(ok),
+                  "layers": layers}))
 """
 
 

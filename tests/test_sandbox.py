@@ -579,6 +579,24 @@ def test_kernel_layers_turn_off(monkeypatch):
     assert out.stdout == "False\n", out.stderr
 
 
+def test_a_machine_that_forbids_namespaces_falls_back_to_the_guard(tmp_path, monkeypatch, outside):
+    fake = tmp_path / "unshare"  # what util-linux prints where the kernel or a container says no
+    fake.write_text("#!/bin/sh\necho 'unshare: unshare failed: Operation not permitted' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(sandbox, "UNSHARE", str(fake))
+    monkeypatch.setattr(sandbox, "_probed", {})
+    iso = sandbox.isolation()
+    assert iso["kernel"] is False and iso["layers"] == ["resource limits", "python guard"]
+    assert iso["missing"][0] == "network namespace: unshare failed (unshare: unshare failed: Operation not permitted)"
+    before = snapshot(outside)
+    r = run(program(ESCAPES["os.remove"], outside))
+    assert GUARD_MESSAGE in r["stderr"] and snapshot(outside) == before
+    assert int(run("import os\nprint(os.getpid())")["stdout"]) != 1  # no PID namespace: the guard alone
+    monkeypatch.setattr(sandbox, "UNSHARE", str(tmp_path / "absent"))
+    monkeypatch.setattr(sandbox, "_probed", {})
+    assert sandbox.isolation()["kernel"] is False and run("print(1)")["ok"]
+
+
 def test_user_namespace_mode_as_a_grader_that_is_not_root():
     # the mode a non-root grader gets; forced here so that a root machine tests it too (as root the uid is
     # still root's, so the process limit is not enforced in this mode: that part only holds for a real user)
