@@ -30,6 +30,7 @@ import evaluation
 import lora
 import loading
 import memgen
+import official
 import settings
 import training
 from model import generate
@@ -93,6 +94,7 @@ _RULES = ("k", "n", "boundary", "latent_init")  # the settings a saved weaver re
 
 def check(cfg):
     settings.one_of(cfg, "method", _METHODS)
+    cfg["adapter"] = official.resolve_adapter(cfg["adapter"])  # an official MemGen checkpoint: converted once
     settings.one_of(cfg, "trigger_mode", memgen.TRIGGER_MODES)
     settings.one_of(cfg, "boundary", memgen.BOUNDARIES)
     settings.one_of(cfg, "latent_init", memgen.LATENT_INITS)

@@ -374,3 +374,16 @@ def test_a_file_that_is_no_dict_and_an_unreachable_hub_are_one_line(checkpoint, 
     with pytest.raises(DownloadError, match="or pass --adapter=PATH to a local copy of the checkpoint") as e:
         official.resolve_adapter("Kana-s/MemGen/Tiny/gsm8k/weaver-sft")
     assert "\n" not in str(e.value)
+
+
+def test_grpo_continues_from_an_official_checkpoint(long_folder, add_task, tmp_path, cache):
+    import train_weaver
+
+    folder = build_official(tmp_path / "ck", long_folder, seed=3)
+    res = train_weaver.main(["--model", long_folder, "--data", add_task, "--out_dir", str(tmp_path / "o"),
+                             "--method=grpo", f"--adapter={folder}", "--lora_rank=4", "--lora_alpha=8",
+                             "--max_steps=1", "--limit=4", "--group=2", "--max_new_tokens=2", "--progress=false",
+                             "--dtype=float32", "--final_eval_limit=-1", "--val_size=0", "--save_interval=0",
+                             "--max_len=512"])  # the rank and alpha of the checkpoint: train_weaver's own settings
+    assert (res["policy"].k, res["policy"].n) == (K, N)
+    assert json.loads((tmp_path / "o/config.json").read_text())["k"] == K
