@@ -96,14 +96,23 @@ def naive_episode(policy, tok, mode, row, max_turns, turn_tokens, max_context, t
         points.append(len(ids))
         return True
 
+    def next_token(digits=True):
+        with lora.use(model, "sft" if mode == "lora" else None):
+            logits, _ = model(inputs_embeds=seq[None])
+        logits = logits[0, -1, :V]
+        return int((logits if digits else logits.masked_fill(mg.starts_digit[:V], float("-inf"))).argmax())
+
     for turn in range(max_turns):
         if mg is not None and trigger_mode != "off":
             insert(True)
-        reply, n_ins = [], 0
+        reply, n_ins, prev, pending = [], 0, ids[-1], False
         for t in range(turn_tokens):
-            with lora.use(model, "sft" if mode == "lora" else None):
-                logits, _ = model(inputs_embeds=seq[None])
-            nxt = int(logits[0, -1, :V].argmax())
+            nxt = next_token()
+            if pending:  # rule "sentence": a delimiter that may end a number is settled by the token after it
+                pending = False
+                if not bool(mg.starts_digit[nxt]) and insert(False):
+                    n_ins += 1
+                    nxt = next_token(digits=False)  # the sentence ended: the token after the latents is no digit
             reply.append(nxt)
             ids.append(nxt)
             seq = torch.cat([seq, model.embed(torch.tensor([nxt]))])
@@ -111,7 +120,12 @@ def naive_episode(policy, tok, mode, row, max_turns, turn_tokens, max_context, t
                 break
             if mg is not None and trigger_mode != "off" and bool(mg.is_delim[nxt]) and n_ins < mg.n \
                     and t < turn_tokens - 1:
-                n_ins += insert(False)
+                in_number = bool(mg.punct_in_number[nxt]) or (bool(mg.just_punct[nxt]) and bool(mg.ends_digit[prev]))
+                if mg.boundary == "sentence" and in_number:
+                    pending = True
+                else:
+                    n_ins += insert(False)
+            prev = nxt
         text = tok.decode([x for x in reply if x not in tok.eos_ids])
         action = any_action(text)
         actions.append(action)
@@ -158,6 +172,26 @@ def test_cached_multi_turn_decode_equals_rereading_the_history_vanilla_and_lora(
     assert [e["end"] for e in eps] == ["done", "done", "turn_limit"]
     assert eps[1]["success"] and not eps[2]["success"]
     check_equal(eps, model, tok, mode)
+
+
+def rig_boundary_tables(mg):
+    """Token tables where a random tiny model meets many delimiters, many of them possibly inside numbers."""
+    g = torch.Generator().manual_seed(7)
+    for name, p in (("is_delim", 0.3), ("punct_in_number", 0.5), ("just_punct", 0.2), ("ends_digit", 0.5),
+                    ("starts_digit", 0.5)):
+        getattr(mg, name).copy_(torch.rand(mg.is_delim.shape, generator=g) < p)
+    mg.punct_in_number &= mg.is_delim
+    mg.just_punct &= mg.is_delim & ~mg.punct_in_number
+
+
+def test_cached_multi_turn_decode_equals_rereading_the_history_sentence_rule(tiny):
+    mg, tok = make(tiny, boundary="sentence")
+    rig_boundary_tables(mg)
+    eps = run(mg, tok, "memgen", turn_tokens=12)
+    replies = [(e["ids"][p - 1], e["ids"][p]) for e in eps for p, is_p in zip(e["points"], e["prompt_points"])
+               if not is_p]
+    assert any(bool(mg.punct_in_number[a]) for a, _ in replies)  # the rule let a number-like boundary through
+    check_equal(eps, mg, tok, "memgen", turn_tokens=12)
 
 
 def test_cached_multi_turn_decode_equals_rereading_the_history_memgen(tiny):
