@@ -243,7 +243,8 @@ def test_training_forward_inserts_where_decoding_did_and_predicts_its_tokens(tin
     eps = run(mg, tok, "memgen", turn_tokens=12)
     P = [e["points"][0] for e in eps]  # the first prompt ends where the first turn starts
     examples = [dict(prompt=e["ids"][:p], completion=e["ids"][p:], agent=e["agent"][p:],
-                     turn_starts=[i for i, is_p in zip(e["points"], e["prompt_points"]) if is_p]) for e, p in zip(eps, P)]
+                     turn_starts=[i for i, is_p in zip(e["points"], e["prompt_points"]) if is_p])
+                for e, p in zip(eps, P)]
     ids, mask, agent_mask, starts = agent.batch_tensors(examples, tok.pad_id, "cpu")
     points, is_prompt = agent.training_points(mg, ids, agent_mask.tolist(), starts)
     for b, e in enumerate(eps):
