@@ -373,3 +373,13 @@ def test_sft_on_trajectories_then_eval_episodes_through_the_entry_points(tiny, t
     assert folder.name.endswith("-max_turns2-turn_tokens6-max_context256")  # the episode settings name the folder
     assert len((folder / "results.jsonl").read_text().splitlines()) == 3
     assert "fakeworld pass@1" in (tmp_path / "table.md").read_text()
+
+
+def test_a_missing_scienceworld_package_is_one_clear_message(monkeypatch):
+    import sys
+
+    from data import DataError, scienceworld
+
+    monkeypatch.setitem(sys.modules, "scienceworld", None)  # import scienceworld -> ImportError
+    with pytest.raises(DataError, match=r"needs the scienceworld package: install it with `pip install scienceworld`"):
+        scienceworld.make_env()

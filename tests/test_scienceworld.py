@@ -57,3 +57,22 @@ def test_one_episode_of_a_tiny_random_model(env, tmp_path):
     assert all(t["observation"].startswith("This room is called") for t in ep["turns"])  # the simulator answered
     assert "living thing" in ep["question"] and ep["score"] == 0 and not ep["success"]
     assert sum(ep["agent"]) == sum(t["tokens"] for t in ep["turns"]) <= 3 * 8
+
+
+def test_rows_go_round_robin_over_the_named_task_types(tmp_path, monkeypatch):
+    import json
+
+    from data import get_task, scienceworld
+
+    monkeypatch.setenv("MEMGEN_CACHE", str(tmp_path))
+    names = scienceworld.task_names()
+    assert len(names) == 30 and "boil" in names
+    cache = scienceworld._cache()
+    cache.mkdir(parents=True)
+    (cache / "variations.json").write_text(json.dumps(  # the simulator's split lists, made up here
+        {t: {"train": [0, 1], "dev": [2], "test": [5, 6, 7] if t == "boil" else [8]} for t in names}))
+    rows = get_task("scienceworld:boil+melt").load("test")
+    assert [r["id"] for r in rows] == ["boil-5", "melt-8", "boil-6", "boil-7"]
+    assert len(get_task("scienceworld").load("test")) == 29 + 3
+    with pytest.raises(Exception, match="unknown ScienceWorld task freez;"):
+        get_task("scienceworld:boil+freez")
