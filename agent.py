@@ -166,7 +166,7 @@ class Decoder:
         self.next_logits[rows] = self.model.head(last)[:, :self.vocab].float()
         self.read(rows, segs)
 
-    def decide(self, rows, t, is_prompt):
+    def decide(self, rows, t):
         """(a) DECIDE which rows insert; returns a list of bools and the trigger's (t, p, 0/1) per row or None."""
         if self.mode == "always":
             return [True] * len(rows), [None] * len(rows)
@@ -189,7 +189,7 @@ class Decoder:
         if not rows:
             return [], []
         mg, model, k = self.mg, self.model, self.mg.k
-        fire, decisions = self.decide(rows, t, is_prompt)
+        fire, decisions = self.decide(rows, t)
         rows = [r for r, f in zip(rows, fire) if f]
         if rows:
             ids, tmask = right_pad([self.w_tok[r] or [self.tok.pad_id] for r in rows], self.tok.pad_id, model.device)
