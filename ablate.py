@@ -14,6 +14,10 @@ Every EVAL_EVERY steps (and at step 0) each variant is measured the same way:
                model was not trained on; the paper's forgetting claim: LoRA-SFT degrades other domains, MemGen not)
   insertions   inference insertions per held-out example (teacher-forced points; from decoding when PASS_LIMIT > 0)
   pass@1       greedy accuracy on the first PASS_LIMIT test problems, at the end only (0 = skipped)
+Retrieval variants (memgen-fused, memorybank) retrieve the MEMORY_TOP_K nearest training examples from a
+MemoryBank (memory.py) built once per grid from DATA's training split (gold solutions) in out/ablate-<name>/memorybank/;
+memgen-fused gives their text to the weaver only, in front of the prompt (memgen.weaver_context), memorybank puts it
+in the reasoner's prompt as eval.py --mode=memorybank does. A problem never retrieves itself.
 out/ablate-<name>/results.jsonl gets one line per variant and eval point as they finish (a killed grid resumes:
 finished variants are skipped, a variant in progress continues from its last eval point), results.md the table,
 nll_vs_step.png / in_vs_ood.png the plots (matplotlib, a dev-only dependency), and adapters/<variant>/ each trained
@@ -34,6 +38,7 @@ import evaluation
 import lora
 import loading
 import memgen
+import memory
 import errors
 import settings
 import training
@@ -63,6 +68,8 @@ DEVICE = "auto"  # auto | cpu | cuda
 QUICK = False  # a tiny random model and synthetic tasks built in memory: the whole grid in under a minute
 PLOTS = True  # draw the PNG plots (needs matplotlib)
 PROGRESS = True  # show progress bars
+MEMORY_TOP_K = 3  # retrieval variants: nearest training examples per problem (eval.py's default)
+MEMORY_BUDGET = 768  # retrieval variants: most tokens of retrieved text per problem (eval.py's default)
 
 # name -> what differs from the paper's MemGen-SFT (method "sft", K = memgen.K, N = memgen.N, trigger "always",
 # boundary "official", latent_init "paper"). method "none" = the untrained base model, "sft-lora" = the SFT baseline.
@@ -78,16 +85,22 @@ VARIANTS = {
     "memgen-trigger-random": dict(trigger="random"),  # each insertion point kept with p = 0.5, in training and eval
     "memgen-boundary-sentence": dict(boundary="sentence"),  # no insertion inside 3.5 or 1,000
     "memgen-init-small": dict(latent_init="embedding"),  # first latents at the token-embedding scale
+    # retrieval fused into the weaver (the paper's framework figure): retrieved examples read by the weaver only
+    "memgen-fused": dict(retrieval="weaver"),
+    "memorybank": dict(method="none", retrieval="prompt"),  # the untrained base with retrieved examples in its prompt
 }
 _DEFAULTS = dict(method="sft", k=memgen.K, n=memgen.N, trigger="always", boundary=memgen.BOUNDARY,
-                 latent_init=memgen.LATENT_INIT)
+                 latent_init=memgen.LATENT_INIT, retrieval="none")
 _PROG = "ablate.py"
 
 
 def variant(name):
     if name not in VARIANTS:
         raise settings.SettingsError(f"unknown variant {name!r} in --only; the grid has {', '.join(VARIANTS)}")
-    return dict(_DEFAULTS, **VARIANTS[name])
+    v = dict(_DEFAULTS, **VARIANTS[name])
+    if v["retrieval"] == "weaver" and v["method"] != "sft":
+        raise settings.SettingsError(f"variant {name}: retrieval into the weaver needs a MemGen (method sft)")
+    return v
 
 
 # -----------------------------------------------------------------------------
@@ -127,7 +140,8 @@ def nll(policy, v, model, examples, pad_id, vocab, generator):
     if isinstance(policy, memgen.MemGen):
         points = points_for(policy, v, ids, mask, prompt_len, generator)
         inserted = int((points[:, 1:] >= 0).sum())
-        h = memgen.teacher_forced(policy, ids, mask, prompt_len, points)
+        context = [e["context"] for e in examples] if v["retrieval"] == "weaver" else None
+        h = memgen.teacher_forced(policy, ids, mask, prompt_len, points, context)
     else:
         h = training.adapter_hidden(model, ids, mask, "sft" if v["method"] == "sft-lora" else None)
     return (*training.completion_nll(model, h, ids, mask, prompt_len, vocab), inserted)
@@ -188,6 +202,44 @@ def ood_examples(task, rows, tok, max_len):
 
 
 # -----------------------------------------------------------------------------
+# retrieval variants: a MemoryBank of the training split, read by the weaver or put in the prompt
+
+
+def retrieval_memory(cfg, out_dir, task, model, tok):
+    """The grid's MemoryBank of DATA's training split (gold solutions), built once in out_dir/memorybank (a killed
+    build resumes) with the base model, loaded for this variant's model."""
+    path = os.path.join(out_dir, "memorybank")
+    unused = dict(attempts=1, temperature=0.0, top_p=1.0, max_new_tokens=1, induce_max_new_tokens=1, shown_tokens=1,
+                  success_group=0, max_rules=1, workflow_group=1)  # settings of the other memory kinds
+    memory.build(path, task, task.load("train"), model, tok,
+                 dict(unused, kind="memorybank", data=cfg["data"], model=cfg["model"] or "quick", limit=0,
+                      memory_source="gold", chunk=256, seed=0, dtype=cfg["dtype"], batch_size=16),
+                 progress=cfg["progress"])
+    return memory.load(path, model, tok, top_k=cfg["memory_top_k"])
+
+
+def with_retrieval(v, cfg, mem, tok, rows):
+    """(example, task) -> the example with the variant's retrieval: "weaver" adds context (the retrieved examples'
+    text as token ids, for the weaver only); "prompt" puts the text in front of the user message of the reasoner's
+    prompt (a code prompt keeps what ood_examples appended after the chat part). The completion stays as it was, so
+    every variant scores the same tokens. rows: the tasks' rows the examples were made from (an example's "prompt"
+    holds ids, a HumanEval row's its text). Retrieval runs once per problem."""
+    done, row = {}, {(task.NAME, str(r["id"])): r for task, part in rows for r in part}
+
+    def attach(e, task):
+        key = (task.NAME, str(e["id"]))
+        if key not in done:
+            done[key] = memory.augment(mem, task, row[key], tok, cfg["memory_budget"])[0]
+        messages, own = done[key], task.messages(row[key])
+        if v["retrieval"] == "weaver":
+            text = messages[0]["content"][:len(messages[0]["content"]) - len(own[0]["content"])]
+            return dict(e, context=tok.encode(text))
+        return dict(e, prompt=tok.chat(messages) + e["prompt"][len(tok.chat(own)):])
+
+    return attach
+
+
+# -----------------------------------------------------------------------------
 # one variant: train (resumable at every eval point) and measure
 
 
@@ -195,6 +247,11 @@ def run_variant(name, cfg, load, results, out_dir):
     v = variant(name)
     model, tok, task, ood = load()
     train, sets = examples(cfg, task, ood, tok)
+    attach = lambda e, t: e  # noqa: E731
+    if v["retrieval"] != "none":  # the memory is built and queried with the base model, before any adapter exists
+        rows = [(task, task.load("train") + task.load("val"))] + ([(ood, ood.load("test"))] if ood else [])
+        attach = with_retrieval(v, cfg, retrieval_memory(cfg, out_dir, task, model, tok), tok, rows)
+        sets = {key: [attach(e, task if key == "in" else ood) for e in part] for key, part in sets.items()}
     policy, params = build(v, model, tok, cfg["seed"])
     if params:
         for p in model.parameters():
@@ -236,7 +293,8 @@ def run_variant(name, cfg, load, results, out_dir):
             g = torch.Generator().manual_seed(cfg["seed"] + training.SEED_STRIDE * (step + 1))
             for group in optimizer.param_groups:
                 group["lr"] = training.lr_at(step, steps, sched)
-            batch = [train[i] for i in training.batch_indices(step, len(train), cfg["batch_size"], cfg["seed"])]
+            batch = [attach(train[i], task)
+                     for i in training.batch_indices(step, len(train), cfg["batch_size"], cfg["seed"])]
             policy.train()
             optimizer.zero_grad(set_to_none=True)
             n_tok = sum(len(e["completion"]) for e in batch)
@@ -448,13 +506,15 @@ def main(argv=None):
                        micro_batch=2, max_len=256, max_new_tokens=8, pass_limit=min(cfg["pass_limit"], 2),
                        name=cfg["name"] if cfg["name"] != "default" else "quick")
         settings.at_least(cfg, 1, "steps", "batch_size", "micro_batch", "eval_every", "val_size", "max_len",
-                          "max_new_tokens")
+                          "max_new_tokens", "memory_top_k", "memory_budget")
         settings.at_least(cfg, 0, "ood_size", "pass_limit", "grad_clip")
         settings.above(cfg, 0, "lr")
         settings.in_range(cfg, "warmup", 0, 1, " (a fraction of the steps)")
         names = [n.strip() for n in cfg["only"].split(",") if n.strip()] or list(VARIANTS)
         for n in names:
-            variant(n)
+            if variant(n)["retrieval"] != "none" and cfg["pass_limit"] > 0:
+                raise settings.SettingsError(f"--pass_limit does not cover the retrieval variant {n}: evaluate it "
+                                             "with --pass_limit=0")
         if not cfg["quick"] and not cfg["model"]:
             raise settings.SettingsError("--model is required: a local model folder or a hub id (or --quick=true)")
         out_dir = cfg["out_dir"] or os.path.join("out", f"ablate-{cfg['name']}")

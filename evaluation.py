@@ -106,6 +106,13 @@ def summarize(records, samples):
     return out
 
 
+def pass_curve(records, samples):
+    """[pass@1, pass@2, ..., pass@samples]: the unbiased pass@k at every k up to the completions drawn per problem
+    (the curve of a pass@k-against-k plot), over all records, a skipped problem counted unsolved as in summarize."""
+    return [sum(pass_at_k(samples, sum(r["correct"]), k) for r in records if "skipped" not in r) / len(records)
+            if records else 0.0 for k in range(1, samples + 1)]
+
+
 # -----------------------------------------------------------------------------
 # results.jsonl: append per batch, resume, survive a truncated last line
 

@@ -1,0 +1,163 @@
+"""
+passk.py: pass@k against k for eval.py runs that sampled several completions per problem - one table, one plot.
+
+    python eval.py --model=M --limit=50 --samples=16 --temperature=1.0 --out_dir=out/passk/vanilla
+    python eval.py --model=M --mode=lora --adapter=A --limit=50 --samples=16 --temperature=1.0 --out_dir=out/passk/lora
+    python passk.py --runs=vanilla=out/passk/vanilla,lora-sft=out/passk/lora --out=out/passk/curve
+
+Every k from 1 to the completions drawn per problem, with the unbiased estimator (evaluation.pass_curve; a problem
+whose prompt did not fit counts as unsolved). The runs must hold the same problems and the same number of samples.
+The first run is the baseline: for each other run the table also gives its difference to the baseline at each k
+with a paired bootstrap 95 % interval over problems (the same resampled problems for every k). Writes OUT.md (the
+tables), OUT.json (the figures, the runs' settings) and OUT.png (the plot; needs matplotlib).
+"""
+import json
+import os
+import sys
+
+import errors
+import evaluation
+import settings
+from files import pyplot, save_figure, write_atomic, write_json
+
+RUNS = ""  # label=FOLDER pairs, comma-separated: eval.py output folders (results.jsonl + run.json); the first is the baseline
+OUT = "out/passk"  # the outputs: OUT.md, OUT.json, OUT.png
+BOOTSTRAP = 2000  # paired bootstrap resamples of the problems for the difference intervals (0 = none)
+SEED = 0  # seeds the bootstrap
+PLOTS = True  # draw OUT.png (needs matplotlib)
+# -----------------------------------------------------------------------------
+_PROG = "passk.py"
+
+
+def parse_runs(spec):
+    """"a=DIR,b=DIR" -> [(label, folder)], each label once."""
+    runs = []
+    for part in [p.strip() for p in spec.split(",") if p.strip()]:
+        label, eq, folder = part.partition("=")
+        if not eq or not label.strip() or not folder.strip():
+            raise settings.SettingsError(f"--runs: {part!r} is not LABEL=FOLDER (e.g. vanilla=out/passk/vanilla)")
+        runs.append((label.strip(), folder.strip()))
+    labels = [r[0] for r in runs]
+    if len(set(labels)) != len(labels):
+        raise settings.SettingsError(f"--runs: the label {next(x for x in labels if labels.count(x) > 1)!r} is "
+                                     "given twice")
+    if not runs:
+        raise settings.SettingsError("--runs is required: LABEL=FOLDER,... (eval.py output folders)")
+    return runs
+
+
+def load_run(label, folder):
+    """(run settings, {problem id: result row}) of one eval.py output folder."""
+    run_path, rows_path = os.path.join(folder, "run.json"), os.path.join(folder, "results.jsonl")
+    if not os.path.isfile(run_path) or not os.path.isfile(rows_path):
+        raise evaluation.EvalError(f"{label}: {folder} holds no eval.py results (run.json and results.jsonl); "
+                                   "give the --out_dir of an eval.py run")
+    with open(run_path) as f:
+        run = json.load(f)
+    rows = {str(r["id"]): r for r in evaluation.read_results(rows_path)}
+    return run, rows
+
+
+def curves(runs):
+    """{label: {"run": settings, "n": problems, "samples": S, "pass@k": [pass@1..pass@S], "per_problem": [[...]]}};
+    the runs must agree on their problems and samples."""
+    out, ids = {}, None
+    for label, folder in runs:
+        run, rows = load_run(label, folder)
+        samples = run.get("samples")
+        if ids is None:
+            ids, first, want = sorted(rows), label, samples
+        elif sorted(rows) != ids:
+            raise evaluation.EvalError(f"{label} holds {len(rows)} problems, {first} {len(ids)}, not the same ones: "
+                                       "evaluate every run on the same problems (same --data, --split and --limit)")
+        elif samples != want:
+            raise evaluation.EvalError(f"{label} drew {samples} completions per problem, {first} {want}: give every "
+                                       "run the same --samples")
+        if not isinstance(samples, int) or samples < 2:
+            raise evaluation.EvalError(f"{label}: {samples} completion(s) per problem; pass@k against k needs "
+                                       "--samples of 2 or more (and --temperature above 0)")
+        recs = [rows[i] for i in ids]
+        evaluation.summarize(recs, samples)  # checks every row holds `samples` completions
+        per = [[0.0] * samples if "skipped" in r else
+               [evaluation.pass_at_k(samples, sum(r["correct"]), k) for k in range(1, samples + 1)] for r in recs]
+        out[label] = {"run": run, "n": len(recs), "samples": samples, "pass@k": evaluation.pass_curve(recs, samples),
+                      "per_problem": per}
+    return out
+
+
+def paired_bootstrap(a, b, resamples, seed):
+    """95 % intervals of mean(b) - mean(a) at every k: a, b are (problems, K) per-problem pass@k of two runs over
+    the same problems; each resample draws problems with replacement, the same draw for both runs and every k."""
+    import numpy as np
+
+    d = np.asarray(b) - np.asarray(a)
+    rng = np.random.default_rng(seed)
+    means = d[rng.integers(0, len(d), size=(resamples, len(d)))].mean(1)  # (resamples, K)
+    return np.percentile(means, 2.5, axis=0).tolist(), np.percentile(means, 97.5, axis=0).tolist()
+
+
+def report(res, resamples, seed):
+    """The markdown tables and the JSON body."""
+    labels = list(res)
+    base = labels[0]
+    S = res[base]["samples"]
+    ks = list(range(1, S + 1))
+    lines = ["| run | data | mode | temperature | top_p | n | " + " | ".join(f"pass@{k}" for k in ks) + " |",
+             "|---" * (len(ks) + 6) + "|"]
+    for label in labels:
+        r, run = res[label], res[label]["run"]
+        lines.append(f"| {label} | {run.get('data')} | {run.get('mode')} | {run.get('temperature')} | "
+                     f"{run.get('top_p')} | {r['n']} | " + " | ".join(f"{100 * x:.1f}" for x in r["pass@k"]) + " |")
+    body = {"k": ks, "runs": {label: {key: res[label][key] for key in ("run", "n", "samples", "pass@k")}
+                              for label in labels}}
+    if resamples > 0 and len(labels) > 1:
+        lines += ["", f"Minus {base}, in points, with a paired bootstrap 95 % interval over the {res[base]['n']} "
+                  f"problems ({resamples} resamples):", "",
+                  "| run | " + " | ".join(f"pass@{k}" for k in ks) + " |", "|---" * (len(ks) + 1) + "|"]
+        for label in labels[1:]:
+            lo, hi = paired_bootstrap(res[base]["per_problem"], res[label]["per_problem"], resamples, seed)
+            diff = [b - a for a, b in zip(res[base]["pass@k"], res[label]["pass@k"])]
+            body["runs"][label]["minus_baseline"] = {"diff": diff, "lo": lo, "hi": hi}
+            lines.append(f"| {label} | " + " | ".join(f"{100 * d:+.1f} [{100 * a:+.1f}, {100 * b:+.1f}]"
+                                                      for d, a, b in zip(diff, lo, hi)) + " |")
+    body["baseline"], body["bootstrap"], body["seed"] = base, resamples, seed
+    return "\n".join(lines) + "\n", body
+
+
+def plot(res, path):
+    plt = pyplot(_PROG)
+    if plt is None:
+        return None
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for label, r in res.items():
+        ks = list(range(1, r["samples"] + 1))
+        ax.plot(ks, [100 * x for x in r["pass@k"]], marker=".", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ks, [str(k) for k in ks], fontsize=7)
+    ax.set_xlabel("k (completions drawn per problem)")
+    ax.set_ylabel("pass@k (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
+def main(argv=None):
+    with errors.one_line_errors(_PROG):
+        cfg, _ = settings.parse(sys.argv[1:] if argv is None else list(argv), globals(), _PROG)
+        settings.at_least(cfg, 0, "bootstrap")
+        runs = parse_runs(cfg["runs"])
+        res = curves(runs)
+        md, body = report(res, cfg["bootstrap"], cfg["seed"])
+        body["runs_given"] = cfg["runs"]
+        if os.path.dirname(cfg["out"]):
+            os.makedirs(os.path.dirname(cfg["out"]), exist_ok=True)
+        write_atomic(cfg["out"] + ".md", f"# pass@k against k\n\n`python passk.py --runs={cfg['runs']}`\n\n" + md)
+        write_json(cfg["out"] + ".json", body)
+        png = plot(res, cfg["out"] + ".png") if cfg["plots"] else None
+        print(md, end="")
+        print(f"{_PROG}: wrote {cfg['out']}.md, {cfg['out']}.json" + (f", {png}" if png else ""), file=sys.stderr)
+        return body
+
+
+if __name__ == "__main__":
+    main()

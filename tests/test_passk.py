@@ -1,0 +1,115 @@
+"""passk.py and evaluation.pass_curve: pass@k at every k equals counting k-subsets by hand, the table and plot come
+from eval.py's own result folders, and runs that cannot be compared are refused with one line (issue 24 item 3)."""
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+
+import eval as ev
+import evaluation
+import passk
+
+
+def by_subsets(correct, k):
+    """The chance that k of the completions, drawn without replacement, hold a correct one: counted, not computed."""
+    subsets = list(itertools.combinations(correct, k))
+    return sum(any(s) for s in subsets) / len(subsets)
+
+
+def records(pattern):
+    """Result rows from per-problem correct lists; None = a skipped problem."""
+    return [{"id": f"p{i}", "skipped": "too long"} if c is None else
+            {"id": f"p{i}", "correct": c, "lengths": [1] * len(c)} for i, c in enumerate(pattern)]
+
+
+PATTERN = [[True, False, False, False, False], [False] * 5, [True] * 5, [False, True, False, True, False], None]
+
+
+def test_pass_curve_counts_k_subsets_and_agrees_with_summarize():
+    recs = records(PATTERN)
+    curve = evaluation.pass_curve(recs, 5)
+    want = [sum(by_subsets(c, k) for c in PATTERN if c is not None) / len(PATTERN) for k in range(1, 6)]
+    assert curve == pytest.approx(want)
+    assert all(a <= b for a, b in zip(curve, curve[1:]))  # more draws never lower the chance
+    s = evaluation.summarize(recs, 5)
+    assert [s["pass@1"], s["pass@2"], s["pass@4"]] == pytest.approx([curve[0], curve[1], curve[3]])
+
+
+def write_run(folder, pattern, samples=5, reverse=False, **run):
+    folder.mkdir(parents=True)
+    rows = records(pattern)[::-1 if reverse else 1]
+    (folder / "run.json").write_text(json.dumps(dict(dict(data="gsm8k", mode="vanilla", temperature=1.0, top_p=1.0),
+                                                     samples=samples, **run)))
+    (folder / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(folder)
+
+
+def test_table_json_and_plot_from_result_folders(tmp_path, capsys):
+    a = write_run(tmp_path / "a", PATTERN)
+    better = [[True, True, False, False, False], [False, False, False, False, True], [True] * 5,
+              [True, True, False, True, False], None]
+    b = write_run(tmp_path / "b", better, mode="memgen")
+    same = write_run(tmp_path / "c", PATTERN, reverse=True)  # the same rows in another order: ids decide
+    out = str(tmp_path / "o" / "curve")
+    body = passk.main([f"--runs=vanilla={a},memgen={b},again={same}", f"--out={out}", "--bootstrap=500"])
+    assert body["k"] == [1, 2, 3, 4, 5] and body["baseline"] == "vanilla"
+    va, mg = body["runs"]["vanilla"], body["runs"]["memgen"]
+    assert va["pass@k"] == pytest.approx(evaluation.pass_curve(records(PATTERN), 5))
+    assert mg["pass@k"] == pytest.approx(evaluation.pass_curve(records(better), 5))
+    d = mg["minus_baseline"]
+    assert d["diff"] == pytest.approx([y - x for x, y in zip(va["pass@k"], mg["pass@k"])])
+    assert all(lo <= x <= hi for x, lo, hi in zip(d["diff"], d["lo"], d["hi"]))
+    assert max(h - lo for lo, h in zip(d["lo"], d["hi"])) > 0  # the problems disagree, so the interval has width
+    again = body["runs"]["again"]["minus_baseline"]
+    # the same rows in another order (ids match): no difference, and no width
+    assert again["diff"] == pytest.approx([0] * 5) and again["lo"] == pytest.approx([0] * 5) == again["hi"]
+    md = Path(out + ".md").read_text()
+    assert "| vanilla | gsm8k | vanilla | 1.0 | 1.0 | 5 | 32.0 |" in md and "| memgen | " in md and "Minus vanilla" in md
+    assert json.loads(Path(out + ".json").read_text())["runs"]["memgen"]["n"] == 5
+    pytest.importorskip("matplotlib")
+    assert Path(out + ".png").stat().st_size > 5000
+
+
+@pytest.mark.parametrize("case,message", [
+    ("other-problems", "not the same ones"),
+    ("other-samples", "the same --samples"),
+    ("one-sample", "needs --samples of 2 or more"),
+    ("missing", "holds no eval.py results"),
+    ("bad-spec", "is not LABEL=FOLDER"),
+    ("twice", "given twice"),
+])
+def test_runs_that_cannot_be_compared_are_one_clear_line(tmp_path, capsys, case, message):
+    a = write_run(tmp_path / "a", PATTERN)
+    runs = {"other-problems": lambda: f"a={a},b={write_run(tmp_path / 'b', PATTERN[:3])}",
+            "other-samples": lambda: f"a={a},b={write_run(tmp_path / 'b', [c and c[:4] for c in PATTERN], samples=4)}",
+            "one-sample": lambda: f"a={write_run(tmp_path / 'b', [[True], [False]], samples=1)}",
+            "missing": lambda: f"a={a},b={tmp_path / 'nowhere'}",
+            "bad-spec": lambda: f"a={a},{tmp_path}",
+            "twice": lambda: f"a={a},a={a}"}[case]()
+    with pytest.raises(SystemExit):
+        passk.main([f"--runs={runs}", f"--out={tmp_path / 'o'}"])
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and err.startswith("passk.py: error:")
+    assert not (tmp_path / "o.md").exists()
+
+
+def test_the_curve_of_real_eval_runs_matches_their_summaries(long_folder, gsm8k_fixture, tmp_path, monkeypatch):
+    import data.gsm8k
+
+    monkeypatch.chdir(tmp_path)
+    # random weights never box an answer: grade by a checksum of the text so that c varies
+    monkeypatch.setattr(data.gsm8k, "is_correct", lambda text, gold: sum(map(ord, text)) % 3 == 0)
+    runs = []
+    for seed in (0, 1):
+        out = tmp_path / f"s{seed}"
+        ev.main(["--model", long_folder, "--limit", "4", "--samples", "4", "--temperature", "1.0", "--seed", str(seed),
+                 "--max-new-tokens", "6", "--dtype", "float32", "--progress=false", "--results-md=", "--table=",
+                 f"--out_dir={out}"])
+        runs.append(f"seed{seed}={out}")
+    body = passk.main([f"--runs={','.join(runs)}", f"--out={tmp_path / 'curve'}", "--plots=false"])
+    for seed in (0, 1):
+        s = json.loads((tmp_path / f"s{seed}" / "summary.json").read_text())
+        curve = body["runs"][f"seed{seed}"]["pass@k"]
+        assert [curve[0], curve[1], curve[3]] == pytest.approx([s["pass@1"], s["pass@2"], s["pass@4"]])
+    assert body["runs"]["seed0"]["pass@k"] != body["runs"]["seed1"]["pass@k"]  # c varied with the sampled text
