@@ -2,10 +2,15 @@
 bench.py: is this code fast? Side-by-side timings in one process, reported as ratios.
 
     python bench.py --model=PATH [--dtype=auto] [--batch_size=8] [--max_new_tokens=256]
+    python bench.py --shape=qwen2.5-1.5b --device=cuda   # random weights of a named shape: no download needed
     python bench.py --quick=true         # a small random model built in memory, < 60 s on 2 CPU cores
 
 Figures (each printed as a table row and as one JSON line; the last line holds the headline ratios):
-  1. vanilla decode tok/s: ours vs transformers generate, greedy, batch 1 and BATCH_SIZE    -> ours_vs_transformers
+  1. vanilla decode tok/s: ours vs transformers generate (its default cache and, on a GPU, its static cache with
+     torch.compile), greedy, batch 1 and BATCH_SIZE, every side warmed up at the measured shapes first
+                                                                   -> ours_vs_transformers, ours_vs_transformers_static
+     on a GPU also the batch-1 ceiling set by memory bandwidth (weight bytes / a copy bandwidth measured here)
+                                                                                             -> bandwidth_fraction_b1
   2. MemGen decode (K=8, N=3, mode always): ours cached vs an official-style decode that drops the reasoner's
      cache and re-runs the weaver over the whole prefix at every insertion; and ours vs our vanilla decode
                                                                                -> memgen_vs_naive, memgen_vs_vanilla
@@ -14,8 +19,10 @@ Figures (each printed as a table row and as one JSON line; the last line holds t
      forward equal to) and vs a LoRA-SFT step on the reasoner (the paper's SFT baseline)  -> train_vs_naive, sft_vs_lora
      and, split into rollout and update time, a MemGen-GRPO step and a trigger REINFORCE step
   4. peak resident memory of reasoner + weaver + trigger relative to the base model alone           -> memory_ratio
-Decoding ignores EOS here so every run produces exactly MAX_NEW_TOKENS tokens per row. Needs requirements-dev.txt
-(transformers, for figure 1).
+Decoding ignores EOS here so every run produces exactly MAX_NEW_TOKENS tokens per row. The transformers figures need
+requirements-dev.txt. Speed does not depend on the weights' values, so SHAPE measures a model of a real size with
+random weights and no files; its synthetic tokenizer decodes every id and ends a token with "," "." or "\n" about
+as often as GSM8K text does (every 12th id), so MemGen inserts as it would on real text.
 """
 import json
 import os
@@ -28,19 +35,24 @@ import torch
 import torch.nn.functional as F
 
 import data
+import errors
 import loading
 import lora
 import memgen
 import settings
 import training
+import model as model_lib
 from model import Config, Transformer, generate
 from reference import naive_forward, official_style_decode
-import errors
 
-MODEL = ""  # the model to time: a local Hugging Face folder (Qwen2 or Llama) or a hub id; required unless QUICK
+MODEL = ""  # the model to time: a local Hugging Face folder (Qwen2 or Llama) or a hub id; or SHAPE, or QUICK
+SHAPE = ""  # instead of MODEL, random weights of a named shape built on DEVICE: smollm2-135m | qwen2.5-0.5b |
+# qwen2.5-1.5b | qwen2.5-7b
+TOKENIZER = ""  # with SHAPE: a tokenizer folder, whose DATA prompts are then used ("" = synthetic ids and prompts)
 DATA = "gsm8k"  # the task whose first problems are the prompts (and, for the SFT step, the targets)
 DTYPE = "auto"  # auto (bfloat16 on GPUs and on CPUs with native bf16, else float32) | float32 | bfloat16 | float16
 DEVICE = "auto"  # auto (cuda when a GPU is visible) | cpu | cuda | cuda:N
+GRAPHS = "auto"  # decode steps replayed as CUDA graphs: auto (on with CUDA) | true | false (model.py section 6)
 BATCH_SIZE = 8  # rows of the batched decode figures
 MAX_NEW_TOKENS = 256  # tokens decoded per row (EOS ignored)
 SEED = 0  # seeds MemGen's random initialisation (and QUICK's random model and prompts)
@@ -67,18 +79,36 @@ class NoEos:
 
 
 class RandomTokenizer:
-    """--quick: just enough tokenizer for a random model (ids in, ids out)."""
+    """QUICK and SHAPE: just enough tokenizer for a random model (ids in, ids out). Every id of the model decodes;
+    every `every`-th id ends with a delimiter, so MemGen's boundaries come at a chosen rate."""
     eos_ids, pad_id, special_ids = [], 0, set()
 
-    def __init__(self, vocab_size):
-        self.vocab_size = vocab_size
+    def __init__(self, vocab_size, every=16, delimiters=(b".",), word=b"x"):
+        self.vocab_size, self.every, self.delimiters, self.word = vocab_size, every, delimiters, word
 
-    # a random model rarely emits "," "." "\n": every 16th id "is" a "." so that insertions happen
     def token_bytes(self, i):
-        return b"." if i % 16 == 0 else b"x"
+        if i % self.every == 0:
+            return self.delimiters[i // self.every % len(self.delimiters)]
+        return self.word
 
     def decode(self, ids, skip_special=False):
         return b"".join(self.token_bytes(i) for i in ids).decode()
+
+
+# the decoder shapes of the models the paper and this project use (their config.json files), for SHAPE
+_LLAMA = dict(arch="llama", qkv_bias=False, rms_eps=1e-5)
+_QWEN = dict(arch="qwen2", qkv_bias=True, rms_eps=1e-6, rope_theta=1e6, max_positions=32768)
+SHAPES = {
+    "smollm2-135m": dict(_LLAMA, vocab_size=49152, hidden_size=576, num_layers=30, num_heads=9, num_kv_heads=3,
+                         head_dim=64, intermediate_size=1536, rope_theta=1e5, tie_word_embeddings=True,
+                         max_positions=8192),
+    "qwen2.5-0.5b": dict(_QWEN, vocab_size=151936, hidden_size=896, num_layers=24, num_heads=14, num_kv_heads=2,
+                         head_dim=64, intermediate_size=4864, tie_word_embeddings=True),
+    "qwen2.5-1.5b": dict(_QWEN, vocab_size=151936, hidden_size=1536, num_layers=28, num_heads=12, num_kv_heads=2,
+                         head_dim=128, intermediate_size=8960, tie_word_embeddings=True),
+    "qwen2.5-7b": dict(_QWEN, vocab_size=152064, hidden_size=3584, num_layers=28, num_heads=28, num_kv_heads=4,
+                       head_dim=128, intermediate_size=18944, tie_word_embeddings=False),
+}
 
 
 def machine():
@@ -106,7 +136,7 @@ def sft_step(mg, ids, mask, prompt_len, naive):
     for p in params:
         p.grad = None
     comp = mask.clone()
-    comp[torch.arange(ids.shape[1])[None] < prompt_len[:, None]] = False
+    comp[torch.arange(ids.shape[1], device=ids.device)[None] < prompt_len[:, None]] = False
     predicts = torch.zeros_like(comp)
     predicts[:, :-1] = comp[:, 1:]  # hidden[t] predicts token t+1, a completion token
     points = memgen.insertion_points(mg, ids, mask, prompt_len)
@@ -166,11 +196,14 @@ def main(argv=None):
         cfg, _ = settings.parse(sys.argv[1:] if argv is None else list(argv), globals(), _PROG)
         settings.at_least(cfg, 1, "batch_size", "max_new_tokens", "rl_prompts", "rl_group", "rl_new_tokens")
         settings.one_of(cfg, "only", ("", "train", "decode"))
-        if not cfg["quick"] and not cfg["model"]:
-            raise settings.SettingsError("pass --model=PATH (a Hugging Face model folder or a hub id), or "
-                                         "--quick=true for a random model built in memory")
+        settings.one_of(cfg, "shape", ("",) + tuple(SHAPES))
+        if sum(map(bool, (cfg["quick"], cfg["model"], cfg["shape"]))) != 1:
+            raise settings.SettingsError("pass one of --model=PATH (a Hugging Face model folder or a hub id), "
+                                         "--shape=NAME (random weights of a named shape) or --quick=true")
+        cfg["graphs"] = model_lib.use_graphs(cfg["graphs"], loading.resolve_device(cfg["device"]))
         torch.manual_seed(cfg["seed"])
-        setup = quick_setup(cfg) if cfg["quick"] else model_setup(cfg)
+        setup = quick_setup(cfg) if cfg["quick"] else shape_setup(cfg) if cfg["shape"] else model_setup(cfg)
+        setup["graphs"] = cfg["graphs"]
     model = setup["model"]
     print(f"# bench on {machine()}, dtype {str(model.dtype).replace('torch.', '')}, model {model.cfg.name} "
           f"({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params), batch {len(setup['prompts'])}, "
@@ -183,7 +216,7 @@ def main(argv=None):
         mg = memgen.MemGen(model, setup["tok"]).eval()
     if cfg["only"] != "decode":
         sft_figures(mg, setup, rows, ratios, cfg["profile"])
-        rl_figures(mg, setup, cfg, rows)
+        rl_figures(mg, setup, cfg, rows, ratios)
     if not cfg["only"]:
         memory_figures(mg, setup, rows, ratios)
     print("\n| figure | value | unit |\n| --- | --- | --- |")
@@ -196,20 +229,43 @@ def main(argv=None):
 
 
 def decode_figures(setup, rows, ratios):
-    """1. Vanilla greedy decode tok/s at batch 1 and BATCH_SIZE, ours and (with a model folder) transformers'.
-    Returns ours at BATCH_SIZE."""
+    """1. Vanilla greedy decode tok/s at batch 1 and BATCH_SIZE: ours, and transformers' with its default cache and
+    (on a GPU) its static cache compiled. Every side runs once at the measured shapes before it is timed (graphs are
+    recorded, kernels compiled, the allocator grown). Returns ours at BATCH_SIZE, the figure printed."""
     model, tok, prompts, new_tokens = setup["model"], setup["tok"], setup["prompts"], setup["new_tokens"]
-    generate(model, tok, prompts[:1], max_new_tokens=4)  # warm-up
+    hf = transformers_model(model) if setup.get("compare", True) else None
+    cuda = model.device.type == "cuda"
     for bs in sorted({1, len(prompts)}):
-        dt, _ = timed(lambda: generate(model, tok, prompts[:bs], max_new_tokens=new_tokens))
-        ours = bs * new_tokens / dt
+        run = lambda: generate(model, tok, prompts[:bs], max_new_tokens=new_tokens, graphs=setup["graphs"])  # noqa
+        run()
+        ours = bs * new_tokens / best_of(2, run)[0]
         report(rows, f"vanilla_tok_s_b{bs}", ours, "tok/s")
-        theirs = transformers_tok_s(setup["folder"], model, tok, prompts[:bs], new_tokens) if "folder" in setup \
-            else None
-        if theirs:
-            report(rows, f"transformers_tok_s_b{bs}", theirs, "tok/s")
-            ratios[f"ours_vs_transformers_b{bs}"] = ours / theirs
-    return len(prompts) * new_tokens / timed(lambda: generate(model, tok, prompts, max_new_tokens=new_tokens))[0]
+        if bs == 1 and cuda:
+            ceiling = copy_bandwidth(model.device) / weight_bytes(model)
+            report(rows, "bandwidth_ceiling_tok_s_b1", ceiling, "tok/s")
+            ratios["bandwidth_fraction_b1"] = ours / ceiling
+        for cache in ("dynamic", "static") if cuda else ("dynamic",):
+            theirs = transformers_tok_s(hf, prompts[:bs], tok.pad_id, new_tokens, cache) if hf else None
+            if theirs:
+                suffix = "" if cache == "dynamic" else "_static"
+                report(rows, f"transformers{suffix}_tok_s_b{bs}", theirs, "tok/s")
+                ratios[f"ours_vs_transformers{suffix}_b{bs}"] = ours / theirs
+    return ours
+
+
+def copy_bandwidth(device, mib=1024):
+    """Bytes per second a device-to-device copy moves (read + write): what bounds a batch-1 decode step."""
+    x = torch.empty(mib * 2**20 // 4, device=device)
+    y = torch.empty_like(x)
+    y.copy_(x)
+    dt, _ = best_of(3, lambda: [y.copy_(x) for _ in range(5)])
+    return 2 * 5 * x.numel() * 4 / dt
+
+
+def weight_bytes(model):
+    """Bytes a decode step reads: every weight once (an untied input embedding only by its few rows)."""
+    skip = model.model.embed_tokens.weight if model.lm_head is not None else None
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p is not skip)
 
 
 def best_of(n, fn):
@@ -223,7 +279,10 @@ def memgen_figures(setup, vanilla, rows, ratios):
     model, tok, prompts, new_tokens = setup["model"], setup["tok"], setup["prompts"], setup["new_tokens"]
     B = len(prompts)
     mg = memgen.MemGen(model, tok).eval()
-    dt, res = timed(lambda: memgen.generate(mg, tok, prompts, max_new_tokens=new_tokens, mode="always"))
+    run = lambda: memgen.generate(mg, tok, prompts, max_new_tokens=new_tokens, mode="always",  # noqa: E731
+                                  graphs=setup["graphs"])
+    run()  # at the measured shapes first: the graphs of every weaver width it meets are recorded here
+    dt, res = best_of(2, run)
     mem_tok_s = B * new_tokens / dt
     report(rows, "memgen_tok_s", mem_tok_s, "tok/s", insertions_per_row=sum(len(r["insertions"]) for r in res) / B)
     dt_naive, naive_out = timed(lambda: official_style_decode(mg, tok, prompts, new_tokens))
@@ -267,31 +326,43 @@ def sft_figures(mg, setup, rows, ratios, profile=False):
     report(rows, "naive_step_s", dt_ref, "s", loss=loss_ref)
     ratios["train_vs_naive"] = dt_ref / dt_ours
     ratios["sft_vs_lora"] = dt_ours / dt_lora
-    if profile:  # where the time goes, operator by operator (backward included)
-        from torch.profiler import ProfilerActivity, profile as profiler
-
-        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-        for name, step in (("MemGen-SFT", lambda: sft_step(mg, ids, mask, prompt_len, naive=False)),
-                           ("LoRA-SFT", lambda: lora_step(model, ids, mask, prompt_len))):
-            with profiler(activities=acts) as prof:
-                step()
-            print(f"\n# {name} step: top operators by self time\n"
-                  + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12), flush=True)
+    if profile:
+        profile_steps([("MemGen-SFT", lambda: sft_step(mg, ids, mask, prompt_len, naive=False)),
+                       ("LoRA-SFT", lambda: lora_step(model, ids, mask, prompt_len))])
 
 
-def rl_figures(mg, setup, cfg, rows):
+def profile_steps(steps):
+    """Where the time goes, operator by operator (backward included): torch.profiler's top operators by self time
+    (on a GPU by device time, else host time) for each (name, step)."""
+    from torch.profiler import ProfilerActivity, profile as profiler
+
+    cuda = torch.cuda.is_available()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    for name, step in steps:
+        with profiler(activities=acts) as prof:
+            step()
+        key = "self_device_time_total" if cuda else "self_cpu_time_total"
+        print(f"\n# {name} step: top operators by self time\n"
+              + prof.key_averages().table(sort_by=key, row_limit=12), flush=True)
+
+
+def rl_figures(mg, setup, cfg, rows, ratios):
     """3b. A MemGen-GRPO step and a trigger REINFORCE step, each split into rollouts (sampling with the caches) and
     the update (log-probs of the rollouts with gradients, backward); advantages are random here - the figure is
-    about time, not learning."""
-    tok, B, G = setup["tok"], cfg["rl_prompts"], cfg["rl_group"]
+    about time, not learning. Each update is set against an SFT step over the very same sequences (the MemGen-SFT
+    step for GRPO, the LoRA-SFT step for the trigger, whose adapter reads the same tokens): an update costs a
+    forward and a backward over those tokens, as the SFT step does.           -> grpo_vs_sft, trigger_vs_sft"""
+    model, tok, B, G = mg.model, setup["tok"], cfg["rl_prompts"], cfg["rl_group"]
     prompts = [p for p in setup["prompts"][:B] for _ in range(G)]
-    adv = torch.randn(len(prompts), generator=torch.Generator().manual_seed(cfg["seed"])).to(mg.model.device)
+    adv = torch.randn(len(prompts), generator=torch.Generator().manual_seed(cfg["seed"])).to(model.device)
     for mode, name in (("always", "grpo"), ("learned", "trigger")):
-        dt_roll, outs = timed(lambda: memgen.generate(mg, tok, prompts, cfg["rl_new_tokens"], temperature=1.0,
-                                                      seed=cfg["seed"], mode=mode, trigger_sample=True))
+        roll = lambda: memgen.generate(mg, tok, prompts, cfg["rl_new_tokens"], temperature=1.0,  # noqa: E731
+                                       seed=cfg["seed"], mode=mode, trigger_sample=True, graphs=cfg["graphs"])
+        roll()  # at the measured shapes first, as every timed figure here
+        dt_roll, outs = timed(roll)
+        completions = [o["ids"] for o in outs]
 
         def update():  # what train_weaver.grpo_step / train_trigger.trigger_step do after their rollouts
-            completions = [o["ids"] for o in outs]
             if mode == "learned":
                 dlogp, dmask = memgen.trigger_logprobs(mg, prompts, completions, [o["decisions"] for o in outs],
                                                        tok.pad_id)
@@ -301,10 +372,19 @@ def rl_figures(mg, setup, cfg, rows):
                                                     pad_id=tok.pad_id)
                 (-(adv[:, None] * logp * cmask).sum() / cmask.sum()).backward()
 
-        dt_up, _ = timed(update)
-        tokens = sum(len(o["ids"]) for o in outs)
-        report(rows, f"{name}_rollout_s", dt_roll, "s", rollouts=len(outs), tokens=tokens)
-        report(rows, f"{name}_update_s", dt_up, "s", share_of_step=round(dt_up / (dt_roll + dt_up), 3))
+        ids, mask, plen = memgen.right_pad(prompts, completions, tok.pad_id, model.device)
+        same = (lambda: sft_step(mg, ids, mask, plen, naive=False)) if mode == "always" else \
+            (lambda: lora_step(model, ids, mask, plen))
+        update(), same()  # warm-up
+        dt_up, _ = best_of(2, update)
+        dt_same, _ = best_of(2, same)
+        report(rows, f"{name}_rollout_s", dt_roll, "s", rollouts=len(outs), tokens=sum(map(len, completions)))
+        report(rows, f"{name}_update_s", dt_up, "s", share_of_step=round(dt_up / (dt_roll + dt_up), 3),
+               tokens=int(mask.sum()))
+        report(rows, f"{name}_same_tokens_sft_s", dt_same, "s")
+        ratios[f"{name}_vs_sft"] = dt_up / dt_same
+        if cfg["profile"] and mode == "always":
+            profile_steps([("GRPO update", update), ("MemGen-SFT, same tokens", same)])
 
 
 def memory_figures(mg, setup, rows, ratios):
@@ -335,17 +415,50 @@ def quick_setup(cfg):
     n = _QUICK["sft_len"]
     seqs = [torch.randint(1, mcfg.vocab_size, (n - 13 * b,), generator=g).tolist() for b in range(8)]
     return dict(model=model, tok=RandomTokenizer(mcfg.vocab_size), prompts=prompts, new_tokens=_QUICK["new_tokens"],
-                sft_examples=(seqs, [60 + 5 * b for b in range(8)]))
+                sft_examples=(seqs, [60 + 5 * b for b in range(8)]), compare=False)
 
 
-def model_setup(cfg):
-    """MODEL (a hub id is downloaded once), the first BATCH_SIZE test prompts of DATA, and its first 8 training
-    examples (prompt + target, cut at 512 tokens) for the SFT step."""
-    from data.download import resolve_model
+def random_model(shape, dtype, device, seed):
+    """A Transformer of a named shape with random weights, built straight on the device in its dtype. Weights
+    ~ N(0, 0.02) (norms 1), as such models are initialised, so activations stay finite in bfloat16 over 28 layers."""
+    cfg = Config(name=f"{shape} (random weights)", **SHAPES[shape])
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.to_empty(device=device).to(dtype)
+    g = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=g)
+    model.init_rope(device)
+    return model.requires_grad_(False).eval()
 
-    folder = resolve_model(cfg["model"])
-    model, tok = loading.load_base(folder, cfg["dtype"], loading.resolve_device(cfg["device"]))
-    tok = NoEos(tok)
+
+def shape_setup(cfg):
+    """SHAPE: random weights of a real model's shape; with TOKENIZER the first test prompts and training examples of
+    DATA, else synthetic ones of GSM8K's lengths (prompts of about 100-160 tokens; 8 SFT examples of about 1,800
+    tokens together, as bench's GSM8K examples)."""
+    device = loading.resolve_device(cfg["device"])
+    dtype = model_lib.pick_dtype(cfg["dtype"], device)
+    model = random_model(cfg["shape"], dtype, device, cfg["seed"])
+    if cfg["tokenizer"]:
+        from tokenizer import load_tokenizer
+
+        tok = load_tokenizer(cfg["tokenizer"])
+        return dict(task_examples(tok, cfg), model=model, tok=NoEos(tok), new_tokens=cfg["max_new_tokens"])
+    tok = RandomTokenizer(model.cfg.vocab_size, every=12, delimiters=(b".", b",", b"\n"), word=b" w")
+    g = torch.Generator().manual_seed(cfg["seed"])
+    ids = lambda n: torch.randint(1, model.cfg.vocab_size, (n,), generator=g).tolist()  # noqa: E731
+    prompts = [ids(100 + 37 * b % 60) for b in range(cfg["batch_size"])]
+    seqs, plen = [ids(180 + 13 * b) for b in range(8)], [90 + 7 * b for b in range(8)]
+    return dict(model=model, tok=tok, prompts=prompts, new_tokens=cfg["max_new_tokens"], sft_examples=(seqs, plen))
+
+
+def task_examples(tok, cfg):
+    """The first BATCH_SIZE test prompts of DATA and its first 8 training examples (prompt + target, cut at 512
+    tokens) for the SFT step."""
     task = data.get_task(cfg["data"])
     prompts = [tok.chat(task.messages(r)) for r in task.load("test")[:cfg["batch_size"]]]
     seqs, plen = [], []
@@ -353,24 +466,56 @@ def model_setup(cfg):
         p = tok.chat(task.messages(r))
         seqs.append((p + tok.encode(r["target"]) + [tok.end_id])[:_SFT_LEN])
         plen.append(len(p))
-    return dict(model=model, tok=tok, prompts=prompts, new_tokens=cfg["max_new_tokens"], sft_examples=(seqs, plen),
+    return dict(prompts=prompts, sft_examples=(seqs, plen))
+
+
+def model_setup(cfg):
+    """MODEL (a hub id is downloaded once) and DATA's prompts and training examples (task_examples)."""
+    from data.download import resolve_model
+
+    folder = resolve_model(cfg["model"])
+    model, tok = loading.load_base(folder, cfg["dtype"], loading.resolve_device(cfg["device"]))
+    return dict(task_examples(tok, cfg), model=model, tok=NoEos(tok), new_tokens=cfg["max_new_tokens"],
                 folder=folder)
 
 
-def transformers_tok_s(folder, model, tok, prompts, new_tokens):
-    """Greedy tok/s of transformers' generate on the same prompts (None when transformers is not installed)."""
+def transformers_model(model):
+    """transformers' model class of the same architecture, holding our very weight tensors (no second copy), or None
+    when transformers is not installed."""
     try:
-        from transformers import AutoModelForCausalLM
+        import transformers
     except ImportError:
         print("# transformers not installed: skipping the transformers comparison")
         return None
-    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=model.dtype).to(model.device).eval()
-    ids, mask = _hf_batch(prompts, tok.pad_id)
-    ids, mask = ids.to(model.device), mask.to(model.device)
+    c = model.cfg
+    kind = {"qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+            "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM)}[c.arch]
+    extra = {} if c.arch == "qwen2" else dict(attention_bias=c.qkv_bias, head_dim=c.head_dim)
+    config = kind[0](vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_hidden_layers=c.num_layers,
+                     num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads,
+                     intermediate_size=c.intermediate_size, rope_theta=c.rope_theta, rms_norm_eps=c.rms_eps,
+                     tie_word_embeddings=c.tie_word_embeddings, max_position_embeddings=c.max_positions, **extra)
+    with torch.device(model.device):
+        hf = kind[1](config).to(model.dtype).eval()
+    state = {k: v for k, v in model.state_dict().items() if ".lora_" not in k}
+    hf.load_state_dict(state, strict=False, assign=True)
+    if c.tie_word_embeddings:
+        hf.lm_head.weight = hf.model.embed_tokens.weight
+    return hf
+
+
+def transformers_tok_s(hf, prompts, pad_id, new_tokens, cache="dynamic"):
+    """Greedy tok/s of transformers' generate on the same prompts: its default cache, or ("static", on a GPU) its
+    static cache, with which generate compiles the forward by itself (torch.compile; transformers' auto-compile)."""
+    ids, mask = _hf_batch(prompts, pad_id)
+    ids, mask = ids.to(hf.device), mask.to(hf.device)
+    kw = dict(attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+              pad_token_id=pad_id, eos_token_id=None)
+    if cache == "static":
+        kw["cache_implementation"] = "static"
     with torch.no_grad():
-        hf.generate(ids[:1, -8:], max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_id)
-        dt, _ = timed(lambda: hf.generate(ids, attention_mask=mask, max_new_tokens=new_tokens,
-                                          min_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.pad_id))
+        hf.generate(ids, **kw)  # at the measured shapes first: compiled kernels, caches and allocator are ready
+        dt, _ = best_of(2, lambda: hf.generate(ids, **kw))
     return len(prompts) * new_tokens / dt
 
 

@@ -29,7 +29,7 @@ import memgen
 import official
 import sandbox
 import settings
-from model import pick_dtype
+from model import pick_dtype, set_graphs
 
 DATA = "gsm8k"  # the task(s), comma-separated (data.get_task): gsm8k, humaneval, or FORMAT:FILE.jsonl (qa|choice|fever)
 SPLIT = "test"  # which of the task's splits to evaluate: test | val | train
@@ -46,6 +46,7 @@ MAX_NEW_TOKENS = 512  # longest completion in tokens
 SEED = 0  # sampling seed (batch i is sampled with SEED + i, so a resumed run matches an uninterrupted one)
 DTYPE = "auto"  # auto (bfloat16 on GPUs and on CPUs with native bf16, else float32) | float32 | bfloat16 | float16
 DEVICE = "auto"  # auto (cuda when a GPU is visible) | cpu | cuda | cuda:N
+GRAPHS = "auto"  # decode steps replayed as CUDA graphs: auto (on with CUDA, off on a CPU) | true | false
 OUT_DIR = ""  # the output folder; "" = out/eval/ + a name made of the data, mode, model, adapter and settings
 TABLE = "out/crossdomain"  # pass@1 per task goes to TABLE.jsonl, gathered in TABLE.md and TABLE.png: with several --data tasks, or one and --table given ("" = none)
 RESULTS_MD = "out/results.md"  # the markdown table every run appends its row to; "" = none
@@ -103,6 +104,7 @@ def main(argv=None):
     with errors.one_line_errors(_PROG):
         cfg, given = settings.parse(sys.argv[1:] if argv is None else list(argv), globals(), _PROG)
         check(cfg, given)
+        set_graphs(cfg["graphs"])  # every decode loop of this evaluation
         specs = [d.strip() for d in cfg["data"].split(",") if d.strip()]
         tasks = [data.get_task(spec) for spec in specs]  # a bad task name fails before the model loads
         model, tok = loading.load_base(cfg["model"], cfg["dtype"], loading.resolve_device(cfg["device"]))

@@ -376,12 +376,12 @@ def insert(mg, st, caches, cand, t, mode, gen, trigger_sample, tok=None):
 
 @torch.no_grad()
 def generate(mg, tokenizer, prompts, max_new_tokens=256, temperature=0.0, top_p=1.0, seed=0, mode=None,
-             trigger_sample=False, graphs="auto", context=None):
+             trigger_sample=False, graphs=None, context=None):
     """
     Batched MemGen decoding with KV caches for the reasoner, the weaver and the trigger.
     prompts: id lists (Tokenizer.chat) or strings. mode: trigger mode (default mg.mode). trigger_sample: in mode
     "learned", sample the trigger's decision (RL) instead of thresholding it. graphs: the reasoner's and the
-    weaver's calls in fixed shapes, replayed as CUDA graphs (model.py section 6; "auto" = on with CUDA); the same
+    weaver's calls in fixed shapes, replayed as CUDA graphs (model.py section 6; None = model.GRAPHS); the same
     tokens and insertions either way. context: per row, token ids only the weaver reads, in front of the prompt
     (weaver_context), or None.
     Returns one dict per row: ids (completion ids, EOS included when sampled), text (EOS excluded), logprobs (of

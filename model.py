@@ -598,11 +598,11 @@ def check_prompts(model, prompts, max_new_tokens):
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts, max_new_tokens=256, temperature=0.0, top_p=1.0, seed=0, keep_eos=False,
-             graphs="auto"):
+             graphs=None):
     """
     Batched sampling. prompts: lists of token ids (see Tokenizer.chat) or strings (encoded as plain text).
     Prefill once, then one token per step from the cache; each row stops at its first EOS. graphs: decode steps in
-    fixed shapes, replayed as CUDA graphs (section 6; "auto" = on with CUDA); the tokens are the same either way.
+    fixed shapes, replayed as CUDA graphs (section 6; None = GRAPHS); the tokens are the same either way.
     Returns (list of generated id lists, EOS excluded unless keep_eos (RL scores it); list of decoded texts).
     """
     prompts = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
@@ -652,19 +652,29 @@ def finish(out, tokenizer, keep_eos=False):
 # decisions) stays plain PyTorch around the replays. graphs=False (the default on a CPU) is today's plain loop:
 # growing slices of a preallocated cache and calls on just the rows that need them.
 
+GRAPHS = "auto"  # the default of every decode loop: "auto" (on with CUDA, off on a CPU) | True | False; the scripts'
+# --graphs setting sets it (set_graphs)
 STOP_EVERY = 8  # with graphs, look whether every row has finished only every this many steps (each look syncs)
 
 
 def use_graphs(graphs, device):
-    """graphs: "auto" (on with CUDA, off on a CPU), True or False; True on a CPU runs the static shapes without
-    recording (what the tests compare with the plain loop)."""
-    if graphs in ("auto", None):
+    """graphs: None (GRAPHS), "auto" (on with CUDA, off on a CPU), True or False; True on a CPU runs the static
+    shapes without recording (what the tests compare with the plain loop)."""
+    graphs = GRAPHS if graphs is None else graphs
+    if graphs == "auto":
         return str(device).startswith("cuda")
     if isinstance(graphs, str):
         if graphs not in ("true", "false"):
             raise ModelError(f"graphs={graphs!r}: use auto, true or false")
         graphs = graphs == "true"
     return bool(graphs)
+
+
+def set_graphs(value):
+    """The scripts' --graphs setting: checked, then the default of every decode loop."""
+    global GRAPHS
+    use_graphs(value, "cpu")
+    GRAPHS = value
 
 
 class Steps:
@@ -683,7 +693,7 @@ class Steps:
         self.graphs = {}
 
     @staticmethod
-    def open(model, name, batch, slots, graphs="auto"):
+    def open(model, name, batch, slots, graphs=None):
         if not use_graphs(graphs, model.device):
             return Steps(model, KVCache(model.cfg, batch, slots, model.device, model.dtype), False)
         slots = -(-slots // 256) * 256  # a few sizes, so that later calls with other prompt lengths reuse graphs

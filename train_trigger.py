@@ -60,6 +60,7 @@ LAMBDA = 0.1  # weight of the invocation penalty (0 = plain REINFORCE on the tas
 SEED = 42  # seeds the trigger's initialisation, the batch order and rollouts
 DTYPE = "auto"  # the frozen base model's dtype: auto | float32 | bfloat16 | float16 (the trigger stays float32)
 DEVICE = "auto"  # auto (cuda when a GPU is visible) | cpu | cuda | cuda:N
+GRAPHS = "auto"  # decode steps replayed as CUDA graphs: auto (on with CUDA, off on a CPU) | true | false
 EVAL_INTERVAL = 100  # validate (greedy accuracy and insertions, learned trigger) every this many steps; 0 = at the end
 VAL_SIZE = 64  # validation problems; 0 = no validation
 SAVE_INTERVAL = 100  # write a checkpoint every this many steps (and at the end); 0 = only at the end

@@ -76,6 +76,7 @@ SEED = 42  # seeds the adapters' initialisation, the batch order, dropout and ro
 # without autocast)
 DTYPE = "auto"  # auto (bfloat16 on GPUs and on CPUs with native bf16, else float32) | float32 | bfloat16 | float16
 DEVICE = "auto"  # auto (cuda when a GPU is visible) | cpu | cuda | cuda:N
+GRAPHS = "auto"  # decode steps replayed as CUDA graphs: auto (on with CUDA, off on a CPU) | true | false
 EVAL_INTERVAL = 100  # validate every this many steps (and at the end); 0 = only at the end
 VAL_SIZE = 64  # validation problems (SFT: held-out token NLL; GRPO: greedy accuracy); 0 = no validation
 SAVE_INTERVAL = 100  # write a checkpoint every this many steps (and at the end); 0 = only at the end

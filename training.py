@@ -36,6 +36,7 @@ import loading
 import memgen
 import settings
 from files import write_json
+from model import set_graphs
 
 SEED_STRIDE = 1_000_003  # every step re-seeds from (seed, step, rank): a resumed run draws what the whole run would
 
@@ -78,6 +79,8 @@ def check_common(cfg):
         settings.in_range(cfg, "lora_dropout", 0, 1, " (a probability)")
     if cfg["max_steps"] == 0 and cfg["epochs"] == 0:
         raise settings.SettingsError("nothing to train: --epochs=0 and --max_steps=0")
+    if "graphs" in cfg:  # every decode loop of the run (rollouts, evaluations) follows it
+        set_graphs(cfg["graphs"])
 
 
 def start(prog, argv, script_globals, check, prefix):

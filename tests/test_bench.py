@@ -12,11 +12,15 @@ def test_quick_bench_prints_the_ratios_and_its_reference_decodes_our_tokens(caps
     ratios = bench.main(["--quick=true"])
     out = capsys.readouterr().out.strip().splitlines()
     last = json.loads(out[-1])
-    assert set(last) == {"memgen_vs_vanilla", "memgen_vs_naive", "train_vs_naive", "sft_vs_lora", "memory_ratio"}
+    assert set(last) == {"memgen_vs_vanilla", "memgen_vs_naive", "train_vs_naive", "sft_vs_lora", "memory_ratio",
+                         "grpo_vs_sft", "trigger_vs_sft"}
     assert ratios["memory_ratio"] > 1  # MemGen's parts add parameter bytes to the base model's
     figures = {r["figure"]: r for r in map(json.loads, (x for x in out if x.startswith('{"figure"')))}
     assert figures["official_style_memgen_tok_s"]["same_tokens"] is True
     assert figures["memgen_tok_s"]["insertions_per_row"] > 1  # inference insertions did happen
+    # memgen_vs_vanilla divides the two figures printed (not another timing of either)
+    memgen_vs_vanilla = figures["memgen_tok_s"]["value"] / figures[f"vanilla_tok_s_b{8}"]["value"]
+    assert abs(ratios["memgen_vs_vanilla"] - memgen_vs_vanilla) <= 1e-3 * memgen_vs_vanilla
     # the two SFT steps compute the same loss (the reference the tests hold the forward to)
     assert abs(figures["sft_step_s"]["loss"] - figures["naive_step_s"]["loss"]) < 1e-4
     # GRPO and trigger steps are timed in two parts; the trigger's rollouts asked it at every boundary
@@ -26,7 +30,7 @@ def test_quick_bench_prints_the_ratios_and_its_reference_decodes_our_tokens(caps
 
 def test_only_train_runs_just_the_training_figures(capsys):
     ratios = bench.main(["--quick=true", "--only=train", "--rl_prompts=1", "--rl_group=2", "--rl_new_tokens=16"])
-    assert set(ratios) == {"train_vs_naive", "sft_vs_lora"}
+    assert set(ratios) == {"train_vs_naive", "sft_vs_lora", "grpo_vs_sft", "trigger_vs_sft"}
     out = capsys.readouterr().out
     assert "vanilla_tok_s" not in out and "sft_lora_step_s" in out and "trigger_update_s" in out
     assert "top operators" not in out  # the profile only when asked
@@ -36,7 +40,7 @@ def test_profile_prints_the_top_operators_of_both_sft_steps(capsys):
     bench.main(["--quick=true", "--only=train", "--rl_prompts=1", "--rl_group=2", "--rl_new_tokens=16",
                 "--profile=true"])
     out = capsys.readouterr().out
-    for step in ("MemGen-SFT", "LoRA-SFT"):
+    for step in ("MemGen-SFT", "LoRA-SFT", "GRPO update", "MemGen-SFT, same tokens"):
         assert f"# {step} step: top operators by self time" in out
     assert out.count("aten::mm") >= 2
 
@@ -61,3 +65,29 @@ def test_bench_on_a_model_folder_offline_is_one_line(long_folder, tmp_path, monk
     monkeypatch.setenv("MEMGEN_GSM8K_URL", "http://127.0.0.1:9/no-network/")
     err = one_line_error([f"--model={long_folder}", "--dtype=float32"], capsys)
     assert err.startswith("bench.py: error: could not reach http://127.0.0.1:9/no-network/test.jsonl")
+
+
+def test_random_shapes_match_transformers_and_their_tokenizer_decodes_every_id():
+    """SHAPE's pieces: the model built from a named shape holds the weights transformers' model of the same
+    architecture is given (equal logits), and the synthetic tokenizer decodes every id the model can emit, with a
+    delimiter every 12th id."""
+    import torch
+
+    cfg = dict(shape="smollm2-135m", device="cpu", dtype="float32", seed=0, tokenizer="", batch_size=3,
+               max_new_tokens=8)
+    setup = bench.shape_setup(cfg)
+    model, tok = setup["model"], setup["tok"]
+    assert model.cfg.num_layers == 30 and tok.vocab_size == model.cfg.vocab_size == 49152
+    hf = bench.transformers_model(model)
+    ids = torch.tensor([setup["prompts"][0][:16]])
+    with torch.no_grad():
+        assert (hf(ids).logits - model(ids)[0]).abs().max() <= 1e-4
+    text = tok.decode(list(range(model.cfg.vocab_size)))
+    assert len(text) > model.cfg.vocab_size and text.count(".") + text.count(",") + text.count("\n") == 4096
+    assert len(setup["prompts"]) == 3 and all(100 <= len(p) < 160 for p in setup["prompts"])
+    assert 0 < bench.weight_bytes(model) == 4 * sum(p.numel() for p in model.parameters())  # tied: the head reads it
+
+
+def test_shape_and_model_settings_are_checked(capsys):
+    assert "pass one of --model=PATH" in one_line_error(["--shape=qwen2.5-1.5b", "--quick=true"], capsys)
+    assert "qwen9" in one_line_error(["--shape=qwen9"], capsys)

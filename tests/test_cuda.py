@@ -93,3 +93,58 @@ def test_the_entry_points_run_end_to_end_on_the_gpu(long_folder, add_task, tmp_p
     for name in ("sft", "grpo", "trigger"):
         losses = [r["loss"] for r in map(json.loads, open(f"{runs[name]}/log.jsonl")) if "loss" in r]
         assert len(losses) == 2 and all(math.isfinite(x) for x in losses), (name, losses)
+
+
+@pytest.mark.parametrize("mode,boundary", [("always", "official"), ("learned", "official"), ("always", "sentence")])
+def test_graphed_decode_gives_the_eager_tokens_and_insertions_in_float32(tiny, mode, boundary):
+    """The recorded CUDA graphs (model.py section 6) against the plain loop, on the GPU, float32: the same tokens,
+    insertion points and trigger decisions, greedy and sampled; vanilla decoding too."""
+    from model import generate
+
+    mg, tok, _ = make(tiny)
+    mg.mode, mg.boundary = mode, boundary
+    mg.is_delim[::3] = True
+    mg.punct_in_number[::5] = mg.is_delim[::5]
+    prompts = [tok.chat([{"role": "user", "content": q}]) for q in ["What is 2+3?", "Say: a, b. c", "Hello", "x"]]
+    for temperature in (0.0, 1.0):
+        kw = dict(max_new_tokens=40, temperature=temperature, seed=5, trigger_sample=temperature > 0)
+        plain = memgen.generate(mg, tok, prompts, graphs=False, **kw)
+        for _ in range(2):  # the second call replays the graphs the first one recorded
+            graphed = memgen.generate(mg, tok, prompts, graphs=True, **kw)
+            for a, b in zip(plain, graphed):
+                assert a["ids"] == b["ids"] and a["insertions"] == b["insertions"]
+                assert [d[::2] for d in a["decisions"]] == [d[::2] for d in b["decisions"]]
+        assert mg.model.static_steps["reasoner"].graphs and mg.model.static_steps["weaver"].graphs  # recorded
+        v = dict(max_new_tokens=40, temperature=temperature, seed=5)
+        assert generate(mg.model, tok, prompts, graphs=False, **v) == generate(mg.model, tok, prompts, graphs=True, **v)
+
+
+def test_graphed_decode_in_bfloat16_stays_within_rounding_of_the_eager_one(tiny):
+    """bfloat16: graphed and eager runs may pick other kernels, so tokens may part after a near tie; until they do,
+    the log-probs of the sampled tokens agree within bf16 rounding."""
+    path, _ = tiny("qwen2", False)
+    model, tok = load_model(path, dtype="bfloat16", device=DEV), load_tokenizer(path)
+    torch.manual_seed(0)
+    mg = memgen.MemGen(model, tok, k=4).eval()
+    mg.is_delim[::3] = True
+    prompts = [tok.chat([{"role": "user", "content": q}]) for q in ["What is 2+3?", "Say: a, b. c"]]
+    plain = memgen.generate(mg, tok, prompts, max_new_tokens=32, graphs=False)
+    graphed = memgen.generate(mg, tok, prompts, max_new_tokens=32, graphs=True)
+    for a, b in zip(plain, graphed):
+        same = next((i for i, (x, y) in enumerate(zip(a["ids"], b["ids"])) if x != y), len(a["ids"]))
+        assert same >= 4
+        assert max(abs(x - y) for x, y in zip(a["logprobs"][:same], b["logprobs"][:same])) <= 0.1
+
+
+def test_every_bench_figure_runs_on_the_gpu(capsys):
+    """bench.py on a random model of a real shape on the GPU: every figure, the transformers comparisons with both
+    caches, and the bandwidth ceiling."""
+    import bench
+
+    ratios = bench.main(["--shape=smollm2-135m", "--device=cuda", "--batch_size=2", "--max_new_tokens=24",
+                         "--rl_prompts=1", "--rl_group=2", "--rl_new_tokens=16"])
+    for key in ("bandwidth_fraction_b1", "ours_vs_transformers_b1", "ours_vs_transformers_static_b2",
+                "memgen_vs_vanilla", "memgen_vs_naive", "train_vs_naive", "sft_vs_lora", "memory_ratio"):
+        assert key in ratios and math.isfinite(ratios[key]) and ratios[key] > 0, key
+    out = capsys.readouterr().out
+    assert '"figure": "grpo_update_s"' in out and '"figure": "trigger_update_s"' in out
