@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 
 import lora
-from model import KVCache, ModelError, Steps, check_prompts, left_pad, sample
+from model import KVCache, ModelError, Steps, check_prompts, left_pad, sample, use_graphs
 
 K = 8  # latents per insertion (the paper's default for both the prompt and the inference insertions)
 N = 3  # at most N inference insertions per completion (plus the one at the end of the prompt)
@@ -177,12 +177,13 @@ def weave(mg, cache, new_embeds, new_mask, is_prompt, rows=None, active=None, st
     The query slots are dropped from the cache afterwards: later insertions must not see earlier queries.
     Each row is packed as [its real inputs, its K queries, padding]: padding left between a row's inputs and its
     queries would stay behind in the cache as dead slots, insertion after insertion.
-    A static cache (graphs, model.py section 6) runs every row: active (B,) marks those that weave, and the call
-    keeps its full width S + K, so it has one shape per S; steps replays it as a graph.
+    A static cache (graphs, model.py section 6): the call keeps its full width S + K, so it has one shape per S and
+    row count; active (B',) marks the rows that weave (the others pad the call to its fixed count); steps replays it
+    as a graph.
     """
     if steps is not None:
         return steps("weave", lambda **a: weave(mg, cache, **a), new_embeds=new_embeds, new_mask=new_mask,
-                     is_prompt=is_prompt, active=active)
+                     is_prompt=is_prompt, rows=rows, active=active)
     model, dtype, k = mg.model, mg.model.dtype, mg.k
     w = mg.weaver
     B, S = new_mask.shape
@@ -282,27 +283,29 @@ def weave_rows(mg, st, steps, ins, t):
     """(b) WEAVE: the weaver reads each inserting row's latents of its previous insertion and its tokens since, then
     the K queries; their K latents become the rows' pending latents (which FEED reads)."""
     model, k = mg.model, mg.k
-    if steps.static:  # every row, in a call whose width is one of a few powers of two (one graph each)
-        rows = torch.arange(len(ins), device=ins.device)
-        width = bucket(int(torch.where(ins, t - st.w_seen, 0).max()))
-    else:  # only the rows that insert
-        rows, width = ins.nonzero().squeeze(1), None
+    rows = ins.nonzero().squeeze(1)  # only the rows that insert
+    R, width, cache_rows, active = len(rows), None, rows, None
+    if steps.static:  # a fixed shape: the row count and the width padded to powers of two (one graph each); the
+        # padding rows are the cache's spare last row, which every mask keeps empty
+        width = bucket(int((t - st.w_seen[rows]).max()))
+        pad = bucket(R, least=1) - R
+        active = torch.arange(R + pad, device=ins.device) < R
+        cache_rows = torch.cat([rows, torch.full((pad,), len(ins), device=ins.device)])
+        rows = torch.cat([rows, rows[:1].expand(pad)])  # what the padding rows read: never used
     seg, seg_mask = new_tokens(st, rows, st.w_seen, t, width)
     new = torch.cat([st.pending[rows], model.embed(seg)], 1)
     new_mask = torch.cat([st.has_pending[rows, None].expand(-1, k), seg_mask], 1)
     is_prompt = torch.full((len(rows),), t == 0, device=ins.device)
-    if steps.static:
-        lat = weave(mg, steps.cache, new, new_mask, is_prompt, active=ins, steps=steps)
-        st.pending = torch.where(ins[:, None, None], lat, st.pending)
-    else:
-        st.pending[rows] = weave(mg, steps.cache, new, new_mask, is_prompt, rows)
-    st.w_seen = torch.where(ins, t, st.w_seen)
+    lat = weave(mg, steps.cache, new, new_mask, is_prompt, cache_rows, active, steps if steps.static else None)
+    st.pending[rows[:R]] = lat[:R]
+    st.w_seen[rows[:R]] = t
     st.has_pending |= ins
 
 
-def bucket(n):
-    """The width of a static weaver call for n new tokens: the next power of two, at least 16."""
-    return max(16, 1 << (n - 1).bit_length())
+def bucket(n, least=16):
+    """The width (or row count) of a static weaver call for n new tokens (rows): the next power of two, at least
+    `least`."""
+    return max(least, 1 << (n - 1).bit_length())
 
 
 def feed(mg, st, steps, tok, ins, t):
@@ -337,7 +340,8 @@ def feed(mg, st, steps, tok, ins, t):
 
 def prefill(mg, ids, pmask, max_new_tokens, mode, graphs, context=None):
     """The prompt into the reasoner's cache, and into the weaver's and trigger's own caches when they will be used.
-    context: weaver_context() or None; the weaver reads it before the prompt. Returns the caches (as Steps: model.py section 6) and the reasoner's logits after the prompt."""
+    context: weaver_context() or None; the weaver reads it before the prompt. Returns the caches (as Steps: model.py
+    section 6) and the reasoner's logits after the prompt."""
     model, k, dev, dtype = mg.model, mg.k, mg.model.device, mg.model.dtype
     B, P = ids.shape
     slots = P + max_new_tokens + k * (mg.n + 1)
@@ -348,11 +352,13 @@ def prefill(mg, ids, pmask, max_new_tokens, mode, graphs, context=None):
         x, xmask = model.embed(ids), pmask
         if context is not None:  # the weaver-only context goes in front of the prompt (weaver_rounds does the same)
             x, xmask = torch.cat([context[0], x], 1), torch.cat([context[1], pmask], 1)
-        # tokens (context included), latents and K query slots
-        caches["weaver"] = Steps.open(model, "weaver", B, slots + k + x.shape[1] - P, graphs)
+        # tokens (context included), latents and K query slots; with graphs a spare row pads weaver calls
+        spare = int(use_graphs(graphs, dev))
+        caches["weaver"] = w = Steps.open(model, "weaver", B + spare, slots + k + x.shape[1] - P, graphs)
         with lora.use(model, "weaver"):
             x = mg.weaver.reasoner_to_weaver(x.float()).to(dtype)
-            model(inputs_embeds=x, mask=xmask, cache=caches["weaver"].cache, logits="none")
+            rows = torch.arange(B, device=dev) if spare else None
+            model(inputs_embeds=x, mask=xmask, cache=w.cache, rows=rows, logits="none")
     if mode == "learned":  # the trigger runs on boundary rows only: always a plain cache
         caches["trigger"] = KVCache(model.cfg, B, P + max_new_tokens, dev, dtype)  # tokens only
         with lora.use(model, "trigger"):

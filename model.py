@@ -220,18 +220,23 @@ class KVCache:
         return allowed[:, None]
 
     def _begin_static(self, mask, rows):
-        """begin() in fixed shapes with no host-device sync, for calls replayed as CUDA graphs: every call covers
-        all rows and attends over all max_len + 1 slots (what the graph captured cannot depend on lens), writes per
-        row at its own slots, and sends slots past max_len (padding only: the cache is sized so real positions fit)
-        to the scratch slot. The allowed mask is the same as begin()'s, padded with slots no row may see."""
-        if rows is not None:
-            raise ModelError("a static cache runs all rows together: mark the rows that sit out in mask")
+        """begin() in fixed shapes with no host-device sync, for calls replayed as CUDA graphs: a call attends over
+        all max_len + 1 slots (what the graph recorded cannot depend on lens), writes per row at its own slots, and
+        sends slots past max_len (padding only: the cache is sized so real positions fit) to the scratch slot. rows
+        may repeat an index only for rows whose mask is all False (a spare row that pads a call to a fixed count).
+        The allowed mask is begin()'s, padded with slots no row may see."""
         B, T = mask.shape
         self.uniform, self.end_slot = False, self.max_len + 1
-        self.slots = (self.lens[:, None] + torch.arange(T, device=mask.device)).clamp(max=self.max_len)
-        self.valid.scatter_(1, self.slots, mask)
+        lens = self.lens if rows is None else self.lens[rows]
+        self.slots = (lens[:, None] + torch.arange(T, device=mask.device)).clamp(max=self.max_len)
+        if rows is None:
+            self.valid.scatter_(1, self.slots, mask)
+            valid = self.valid
+        else:
+            self.valid[rows[:, None], self.slots] = mask
+            valid = self.valid[rows]
         key = torch.arange(self.end_slot, device=mask.device)
-        allowed = (key <= self.slots[:, :, None]) & self.valid[:, None, :]
+        allowed = (key <= self.slots[:, :, None]) & valid[:, None, :]
         allowed |= key == self.slots[:, :, None]
         return allowed[:, None]
 
@@ -282,12 +287,13 @@ class KVCache:
         """Forget the last n slots of `rows` (MemGen drops the weaver's K query slots after reading them); see the
         class docstring for what "last n" means in each mode. where (B,) bool, instead of rows: the rows to roll
         back, as a mask (no host-device sync: a static cache's calls cover every row)."""
-        if where is not None:
-            slots = (self.lens[:, None] - n + torch.arange(n, device=self.lens.device)).clamp(min=0)
-            drop = self.valid.gather(1, slots) & where[:, None]
-            self.next_pos -= drop.sum(1)
-            self.valid.scatter_(1, slots, self.valid.gather(1, slots) & ~where[:, None])
-            self.lens -= n * where.long()
+        if where is not None:  # the rows (all by default) whose where is True; indexed writes, no sync
+            r = torch.arange(len(self.lens), device=self.lens.device) if rows is None else rows
+            slots = (self.lens[r][:, None] - n + torch.arange(n, device=self.lens.device)).clamp(min=0)
+            old = self.valid[r[:, None], slots]
+            self.next_pos[r] -= (old & where[:, None]).sum(1)
+            self.valid[r[:, None], slots] = old & ~where[:, None]
+            self.lens[r] -= n * where.long()
             return
         if self.max_len is None:
             # a growing cache keeps its columns (autograd holds them); the slots just stop being real

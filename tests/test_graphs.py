@@ -126,6 +126,29 @@ def test_static_caches_are_kept_and_reset_between_calls(tiny):
 
 def test_weaver_widths_are_few_powers_of_two():
     assert [memgen.bucket(n) for n in (0, 1, 16, 17, 100, 256, 257)] == [16, 16, 16, 32, 128, 256, 512]
+    assert [memgen.bucket(n, least=1) for n in (1, 2, 3, 5, 8)] == [1, 2, 4, 8, 8]  # rows of a weaver call
+
+
+def test_static_call_on_some_rows_padded_with_a_spare_row(tiny):
+    """A static cache called on a subset of its rows, padded to a fixed count with its spare last row (the weaver's
+    calls with graphs): the rows called equal a plain cache called on them; the others and the spare stay empty."""
+    path, _ = tiny("qwen2", False)
+    model = load_model(path, dtype="float32")
+    ids = torch.randint(0, model.cfg.vocab_size, (3, 12), generator=torch.Generator().manual_seed(2))
+    plain, static = KVCache(model.cfg, 3, 30), KVCache(model.cfg, 4, 30, static=True)  # + 1 spare row
+    with torch.no_grad():
+        model(ids, cache=plain)
+        model(ids, cache=static, rows=torch.arange(3))
+        new = ids[[0, 2], :5]
+        a, _ = model(new, cache=plain, rows=torch.tensor([0, 2]))
+        pad = torch.cat([new, new[:1]])  # the spare row's input is never real
+        real = torch.tensor([[True] * 5, [True] * 5, [False] * 5])
+        b, _ = model(pad, cache=static, rows=torch.tensor([0, 2, 3]), mask=real)
+        static.rollback(2, torch.tensor([0, 2, 3]), where=torch.tensor([True, False, False]))
+        plain.rollback(2, torch.tensor([0]))
+    assert (a - b[:2]).abs().max() <= 1e-4
+    assert plain.lens.tolist() == static.lens.tolist()[:3] == [15, 12, 17] and static.lens[3] == 0
+    assert torch.equal(plain.next_pos, static.next_pos[:3]) and not static.valid[3].any()
 
 
 def test_graphs_setting_is_checked():
