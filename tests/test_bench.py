@@ -55,7 +55,7 @@ def one_line_error(argv, capsys):
 
 
 def test_bench_without_a_model_or_with_a_missing_one_is_one_line(capsys):
-    assert "pass --model=PATH" in one_line_error([], capsys)
+    assert "pass one of --model=PATH" in one_line_error([], capsys)
     assert "model folder '/no/such/model' does not exist" in one_line_error(["--model=/no/such/model"], capsys)
 
 
