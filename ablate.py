@@ -34,12 +34,12 @@ import types
 import torch
 
 import data
+import errors
 import evaluation
 import lora
 import loading
 import memgen
 import memory
-import errors
 import settings
 import training
 from files import pyplot, save_figure, write_atomic
