@@ -7,27 +7,17 @@ bookkeeping; tests/test_cuda.py checks the recording itself on a GPU.
 import pytest
 import torch
 
-import lora
 import memgen
 import model as M
 from model import KVCache, Steps, generate, load_model
+from test_memgen import make as memgen_make
 from tokenizer import load_tokenizer
 
 K = 4
 
 
 def make(tiny, mode="always", n=3, seed=0):
-    path, _ = tiny("qwen2", False)
-    model, tok = load_model(path, dtype="float32"), load_tokenizer(path)
-    torch.manual_seed(seed)
-    mg = memgen.MemGen(model, tok, k=K, n=n, mode=mode).eval()
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name in ("weaver", "trigger"):
-            for p in lora.parameters(model, name).values():
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-        for p in list(mg.weaver.parameters()) + list(mg.trigger.parameters()):
-            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    mg, tok = memgen_make(tiny, "qwen2", False, n=n, k=K, mode=mode, seed=seed)  # random adapters and heads
     mg.is_delim[::3] = True  # a random model rarely says "." greedily: more boundaries, more insertions
     return mg, tok
 
