@@ -11,8 +11,9 @@ Read this file top to bottom to follow one problem's journey:
   3. trigger_probs   the trigger's p(insert) from its last hidden state
   4. generate        decoding: the prompt is prefilled; at the end of the prompt and after every token ending in
                      "," "." or "\\n" (at most N times) the rows (a) DECIDE whether to insert, (b) WEAVE latents,
-                     (c) FEED the latents to the reasoner at the next position ids; then (d) SAMPLE the next token
-                     from the logits after the last slot, so a latent is never sampled
+                     (c) FEED the latents to the reasoner at the next position ids (right after that token, in
+                     the same call); then (d) SAMPLE the next token from the logits after the last slot, so a
+                     latent is never sampled
   5. teacher_forced  the same computation over known completions (training): weaver rounds, sequence assembly,
                      packed reasoner pass
   6. logprobs        RL: log-probs of sampled completions (and of the trigger's decisions) under the policy
@@ -20,7 +21,9 @@ Read this file top to bottom to follow one problem's journey:
 
 Speed: every model call is cached and batched. The weaver keeps a KV cache over the sequence, so an insertion feeds
 only what is new since that row's last call plus K queries, then drops the query slots again (the official code
-re-runs the weaver over the whole prefix each time). Calls are made for the rows that need them only.
+re-runs the weaver over the whole prefix each time). Calls are made for the rows that need them only. A decoding step
+makes at most one weaver call and one reasoner call (the token and the latents go in together); with graphs (model.py
+section 6, on by default with CUDA) both are fixed-shape calls replayed as CUDA graphs.
 """
 import json
 import os

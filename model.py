@@ -12,6 +12,8 @@ Read top to bottom:
   4. load_model      - a local folder only: meta-device construction + safetensors with assign=True (never two copies
                        in memory); scripts turn hub ids into folders first (data/download.py:resolve_model)
   5. generate        - prefill once, then one token per step from the cache
+  6. Steps           - the decode steps' calls in fixed shapes on a static cache, replayed as CUDA graphs on a GPU
+                       (graphs=False, a CPU's default, is the plain loop of 5)
 """
 import json
 import os
