@@ -46,8 +46,7 @@ from model import Config, Transformer, generate
 from reference import naive_forward, official_style_decode
 
 MODEL = ""  # the model to time: a local Hugging Face folder (Qwen2 or Llama) or a hub id; or SHAPE, or QUICK
-SHAPE = ""  # instead of MODEL, random weights of a named shape built on DEVICE: smollm2-135m | qwen2.5-0.5b |
-# qwen2.5-1.5b | qwen2.5-7b
+SHAPE = ""  # instead of MODEL, random weights on DEVICE: smollm2-135m | qwen2.5-0.5b | qwen2.5-1.5b | qwen2.5-7b
 TOKENIZER = ""  # with SHAPE: a tokenizer folder, whose DATA prompts are then used ("" = synthetic ids and prompts)
 DATA = "gsm8k"  # the task whose first problems are the prompts (and, for the SFT step, the targets)
 DTYPE = "auto"  # auto (bfloat16 on GPUs and on CPUs with native bf16, else float32) | float32 | bfloat16 | float16
