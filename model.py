@@ -287,29 +287,24 @@ class KVCache:
 
     def rollback(self, n, rows=None, where=None):
         """Forget the last n slots of `rows` (MemGen drops the weaver's K query slots after reading them); see the
-        class docstring for what "last n" means in each mode. where (B,) bool, instead of rows: the rows to roll
-        back, as a mask (no host-device sync: a static cache's calls cover every row)."""
-        if where is not None:  # the rows (all by default) whose where is True; indexed writes, no sync
-            r = torch.arange(len(self.lens), device=self.lens.device) if rows is None else rows
-            slots = (self.lens[r][:, None] - n + torch.arange(n, device=self.lens.device)).clamp(min=0)
-            old = self.valid[r[:, None], slots]
-            self.next_pos[r] -= (old & where[:, None]).sum(1)
-            self.valid[r[:, None], slots] = old & ~where[:, None]
-            self.lens[r] -= n * where.long()
-            return
+        class docstring for what "last n" means in each mode. where (B',) bool: of those rows, only the ones to roll
+        back (a static cache's calls cover rows that sit out, marked here instead of left out)."""
         if self.max_len is None:
             # a growing cache keeps its columns (autograd holds them); the slots just stop being real
-            if rows is not None:
+            if rows is not None or where is not None:
                 raise ModelError("a growing (autograd) cache rolls back all rows together")
             after = self.valid.flip(1).cumsum(1).flip(1)  # real slots at or after each slot
             self.next_pos = self.next_pos - self.valid.sum(1).clamp(max=n)
             self.valid = self.valid & (after > n)
             return
+        # indexed writes only (no host-device sync); rows whose where is False keep their slots
         r = torch.arange(len(self.lens), device=self.lens.device) if rows is None else rows
-        slots = self.lens[r][:, None] - n + torch.arange(n, device=self.lens.device)
-        self.next_pos[r] -= self.valid[r[:, None], slots].sum(1)
-        self.valid[r[:, None], slots] = False
-        self.lens[r] -= n
+        live = torch.ones(len(r), dtype=torch.bool, device=r.device) if where is None else where
+        slots = (self.lens[r][:, None] - n + torch.arange(n, device=self.lens.device)).clamp(min=0)
+        old = self.valid[r[:, None], slots]
+        self.next_pos[r] -= (old & live[:, None]).sum(1)
+        self.valid[r[:, None], slots] = old & ~live[:, None]
+        self.lens[r] -= n * live.long()
 
 
 # ----------------------------------------------------------------------------------------------------------------
