@@ -526,35 +526,11 @@ def training_points(mg, ids, agent, turn_starts, n=None):
     return points.to(ids.device), is_prompt.to(ids.device)
 
 
-def weaver_rounds(mg, embeds, points, is_prompt):
-    """memgen.weaver_rounds with the insertion type given per point (a multi-turn row has a prompt insertion at
-    every turn): round j feeds each row its latents of round j-1 and its tokens since, then the K queries."""
-    model = mg.model
-    B, T, D = embeds.shape
-    dev, has, J = embeds.device, points >= 0, points.shape[1]
-    latents = []
-    if not (J and has.any()):
-        return latents
-    cache = KVCache(model.cfg, B, device=dev, dtype=model.dtype)  # growing: autograd-friendly
-    prev = torch.zeros(B, dtype=torch.long, device=dev)
-    prev_lat = torch.zeros(B, 0, D, dtype=model.dtype, device=dev)
-    prev_has = torch.zeros(B, dtype=torch.bool, device=dev)
-    for j in range(J):
-        p = torch.where(has[:, j], points[:, j], prev)
-        idx = prev[:, None] + torch.arange(int((p - prev).max()), device=dev)
-        seg = embeds.gather(1, idx.clamp(max=T - 1)[..., None].expand(-1, -1, D))
-        new_mask = torch.cat([prev_has[:, None].expand(-1, prev_lat.shape[1]), idx < p[:, None]], 1)
-        lat = memgen.weave(mg, cache, torch.cat([prev_lat, seg], 1), new_mask, is_prompt[:, j])
-        latents.append(lat)
-        prev, prev_lat, prev_has = p, lat, has[:, j]
-    return latents
-
-
 def teacher_forced(mg, ids, mask, points, is_prompt):
     """MemGen's training forward on multi-turn rows (memgen.teacher_forced with a type per point): hidden (B, T, D),
     hidden[:, t] predicting token t+1."""
     embeds = mg.model.embed(ids)
-    latents = weaver_rounds(mg, embeds, points, is_prompt)
+    latents = memgen.weaver_rounds(mg, embeds, points, None, is_prompt=is_prompt)
     seq, seq_len, tok_slot = memgen.assemble(mg, embeds, mask, points, latents)
     first = points[:, 0] if points.shape[1] else torch.full_like(seq_len, -1)
     h = memgen.packed_reasoner(mg.model, seq, seq_len, torch.where(first >= 0, first, seq_len))

@@ -515,12 +515,14 @@ def teacher_forced(mg, ids, mask, prompt_len, points, context=None):
     return h.gather(1, pred_slot[..., None].expand(-1, -1, h.shape[-1]))
 
 
-def weaver_rounds(mg, embeds, points, prompt_len, context=None):
+def weaver_rounds(mg, embeds, points, prompt_len, context=None, is_prompt=None):
     """
     Stage 1: the latents of every insertion. The weaver runs once per insertion *round* j for all rows together,
     each row feeding its own new segment (its latents of round j-1, then its tokens since its previous point,
     padded) into a growing KV cache, so insertion j sees everything before it, latents included. context:
-    weaver_context() or None; round 0 reads it in front of the prompt (as prefill does in decoding).
+    weaver_context() or None; round 0 reads it in front of the prompt (as prefill does in decoding). is_prompt (B, J)
+    bool: each point's insertion type, where a row has several prompt insertions (agent.py: one per turn); by default
+    the point at prompt_len is the prompt's.
     Returns a list of J tensors (B, K, D) (a row without a j-th point gets latents that are never used).
     """
     model = mg.model
@@ -529,6 +531,7 @@ def weaver_rounds(mg, embeds, points, prompt_len, context=None):
     latents = []
     if not (J and has.any()):
         return latents
+    is_prompt = points == prompt_len[:, None] if is_prompt is None else is_prompt
     cache = KVCache(model.cfg, B, device=dev, dtype=model.dtype)  # growing: autograd-friendly
     prev = torch.zeros(B, dtype=torch.long, device=dev)
     prev_lat = torch.zeros(B, 0, D, dtype=model.dtype, device=dev)
@@ -543,7 +546,7 @@ def weaver_rounds(mg, embeds, points, prompt_len, context=None):
         new, new_mask = torch.cat([prev_lat, seg], 1), torch.cat([lat_mask, seg_mask], 1)
         if j == 0 and context is not None:  # the weaver-only context, before the prompt; the reasoner never sees it
             new, new_mask = torch.cat([context[0], new], 1), torch.cat([context[1], new_mask], 1)
-        lat = weave(mg, cache, new, new_mask, p == prompt_len)
+        lat = weave(mg, cache, new, new_mask, is_prompt[:, j])
         latents.append(lat)
         prev, prev_lat, prev_has = p, lat, has[:, j]
     return latents
