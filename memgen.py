@@ -74,6 +74,8 @@ class MemGen(nn.Module):
         self.latent_init, self.delimiters = latent_init, tuple(delimiters)
         if "weaver" not in getattr(model, "lora_meta", {}):
             lora.inject(model, ["weaver", "trigger"], targets, rank, alpha, dropout)
+        # graphs recorded for another MemGen on this model (model.py section 6) read that one's queries and maps
+        model.__dict__.pop("static_steps", None)
         D, dev = model.cfg.hidden_size, model.device
         # §3.2: K learned query vectors per insertion type, LayerNorm x a learned scale, and linear maps between
         # the reasoner's and the weaver's embedding spaces (the same model here, but kept as in the paper so a

@@ -119,6 +119,24 @@ def test_graphed_decode_gives_the_eager_tokens_and_insertions_in_float32(tiny, m
         assert generate(mg.model, tok, prompts, graphs=False, **v) == generate(mg.model, tok, prompts, graphs=True, **v)
 
 
+def test_a_second_memgen_on_the_model_replays_its_own_weaver_not_the_first_ones(tiny):
+    """Graphs recorded for one MemGen read its queries and maps: a second MemGen on the same model (other weights)
+    must decode as its own plain loop does."""
+    mg, tok, _ = make(tiny)
+    mg.is_delim[::3] = True
+    prompts = [tok.chat([{"role": "user", "content": q}]) for q in ["What is 2+3?", "Say: a, b. c"]]
+    memgen.generate(mg, tok, prompts, max_new_tokens=24, graphs=True)  # records graphs for the first MemGen
+    torch.manual_seed(7)
+    other = memgen.MemGen(mg.model, tok, k=mg.k).eval()
+    other.is_delim[::3] = True
+    with torch.no_grad():
+        for p in other.weaver.parameters():
+            p.add_(torch.randn_like(p))
+    plain = memgen.generate(other, tok, prompts, max_new_tokens=24, graphs=False)
+    graphed = memgen.generate(other, tok, prompts, max_new_tokens=24, graphs=True)
+    assert [r["ids"] for r in plain] == [r["ids"] for r in graphed]
+
+
 def test_graphed_decode_in_bfloat16_stays_within_rounding_of_the_eager_one(tiny):
     """bfloat16: graphed and eager runs may pick other kernels, so tokens may part after a near tie; until they do,
     the log-probs of the sampled tokens agree within bf16 rounding."""

@@ -147,3 +147,14 @@ def test_graphs_setting_is_checked():
     with pytest.raises(M.ModelError, match="graphs='maybe'"):
         M.use_graphs("maybe", "cpu")
     assert Steps(None, None, False)("x", lambda a: a + 1, a=torch.tensor(1)) == 2
+
+
+def test_a_new_memgen_on_the_model_drops_the_static_steps_of_the_old_one(tiny):
+    """A recorded weave graph reads its MemGen's own query and map tensors: a second MemGen built on the same model
+    must not replay the first one's graphs."""
+    mg, tok = make(tiny)
+    prompts = [tok.chat([{"role": "user", "content": q}]) for q in PROMPTS[:2]]
+    memgen.generate(mg, tok, prompts, max_new_tokens=8, graphs=True)
+    assert "reasoner" in mg.model.static_steps
+    memgen.MemGen(mg.model, tok, k=mg.k)
+    assert not getattr(mg.model, "static_steps", {})
