@@ -85,7 +85,9 @@ def summarize(records, samples):
     they count as unsolved in pass@k (a model that cannot read the problem does not solve it). pass@1 is the mean
     over problems of c/n (= the unbiased pass@1); pass@k for every k in PASS_KS up to `samples`; mean completion
     length in tokens (EOS not counted); for MemGen rows the mean number of insertions per completion, with and
-    without the one at the end of the prompt.
+    without the one at the end of the prompt, and the share of completions that inserted at the prompt end; with a
+    learned trigger also its mean p(insert) at the prompt end and at the boundaries inside completions, and how
+    often it was asked per completion.
     """
     records = list(records)
     done = [r for r in records if "skipped" not in r]
@@ -103,6 +105,13 @@ def summarize(records, samples):
         ins = [x for r in done for x in r["insertions"]]
         out["mean_inference_insertions"] = sum(sum(1 for t in x if t > 0) for x in ins) / len(ins)
         out["mean_insertions"] = sum(len(x) for x in ins) / len(ins)
+        out["prompt_insertion_rate"] = sum(bool(x) and x[0] == 0 for x in ins) / len(ins)
+    if done and all("decisions" in r for r in done):  # a learned trigger: its mean p(insert) where it was asked
+        dec = [d for r in done for x in r["decisions"] for d in x]
+        at_prompt, inside = [p for t, p, _ in dec if t == 0], [p for t, p, _ in dec if t > 0]
+        out["mean_p_insert_prompt"] = sum(at_prompt) / len(at_prompt) if at_prompt else None
+        out["mean_p_insert_boundary"] = sum(inside) / len(inside) if inside else None
+        out["trigger_asked_per_completion"] = len(dec) / sum(len(r["decisions"]) for r in done)
     return out
 
 
@@ -171,7 +180,8 @@ def append_results(path, rows):
 
 def generate_batch(policy, tokenizer, mode, prompts, max_new_tokens, temperature=0.0, top_p=1.0, seed=0,
                    trigger_mode=None):
-    """One generate call -> per row (completion ids without EOS, text, insertions or None)."""
+    """One generate call -> per row (completion ids without EOS, text, insertions or None, the trigger's decisions
+    [completion index, p(insert) to 4 places, 0/1] where it was asked, or None)."""
     import lora
     import memgen
     from model import generate
@@ -180,12 +190,12 @@ def generate_batch(policy, tokenizer, mode, prompts, max_new_tokens, temperature
         outs = memgen.generate(policy, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                                top_p=top_p, seed=seed, mode=trigger_mode)
         eos = set(tokenizer.eos_ids)
-        return [(o["ids"][:-1] if o["ids"] and o["ids"][-1] in eos else o["ids"], o["text"], list(o["insertions"]))
-                for o in outs]
+        return [(o["ids"][:-1] if o["ids"] and o["ids"][-1] in eos else o["ids"], o["text"], list(o["insertions"]),
+                 [[t, round(p, 4), f] for t, p, f in o["decisions"]]) for o in outs]
     with lora.use(policy, "sft" if mode == "lora" else None):
         seqs, texts = generate(policy, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                                top_p=top_p, seed=seed)
-    return [(s, t, None) for s, t in zip(seqs, texts)]
+    return [(s, t, None, None) for s, t in zip(seqs, texts)]
 
 
 def check_sampling(samples, temperature, top_p, batch_size, max_new_tokens):
@@ -300,7 +310,7 @@ def _batch_records(policy, tokenizer, task, rows, mode, samples, batch_size, see
         outs += generate_batch(policy, tokenizer, mode, flat[start:start + batch_size],
                                seed=seed + CALL_SEED_STRIDE * c, **sampling)
     dt = time.time() - t0
-    graded = data.grade_all(task, [rows[j] for j in fits for _ in range(samples)], [t for _, t, _ in outs])
+    graded = data.grade_all(task, [rows[j] for j in fits for _ in range(samples)], [o[1] for o in outs])
     records = []
     for j, row in enumerate(rows):
         rec = {"id": str(row["id"]), **({"question": row["question"]} if "question" in row else {}),
@@ -311,10 +321,12 @@ def _batch_records(policy, tokenizer, task, rows, mode, samples, batch_size, see
         else:
             at = fits.index(j) * samples
             mine = outs[at:at + samples]
-            rec.update(completions=[t for _, t, _ in mine], correct=graded[at:at + samples],
-                       lengths=[len(s) for s, _, _ in mine])
+            rec.update(completions=[o[1] for o in mine], correct=graded[at:at + samples],
+                       lengths=[len(o[0]) for o in mine])
             if mode == "memgen":
-                rec["insertions"] = [ins for _, _, ins in mine]
+                rec["insertions"] = [o[2] for o in mine]
+                if any(o[3] for o in mine):  # a learned trigger was asked: what it said, point by point
+                    rec["decisions"] = [o[3] for o in mine]
         records.append(rec)
     return records, dt
 

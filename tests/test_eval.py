@@ -86,10 +86,22 @@ def test_memgen_eval_takes_k_and_n_from_the_adapter_and_records_insertions(folde
     assert s["mean_inference_insertions"] == pytest.approx(sum(n_inf) / len(n_inf))
     assert s["mean_insertions"] == pytest.approx(sum(len(i) for r in rows for i in r["insertions"]) / len(n_inf))
     assert json.loads((tmp_path / "o/summary.json").read_text())["run"]["trigger_mode"] == "learned"
+    # the learned trigger's decisions, one list per completion, its first at the prompt end; their means summarized
+    dec = [x for r in rows for x in r["decisions"]]
+    assert len(dec) == len(n_inf) and all(x[0][0] == 0 for x in dec)
+    for x, ins in zip(dec, [i for r in rows for i in r["insertions"]]):
+        assert [t for t, _, f in x if f] == ins and all(0.0 <= p <= 1.0 for _, p, _ in x)
+    assert s["mean_p_insert_prompt"] == pytest.approx(sum(x[0][1] for x in dec) / len(dec))
+    assert s["prompt_insertion_rate"] == pytest.approx(sum(bool(i) and i[0] == 0 for i in
+                                                           (i for r in rows for i in r["insertions"])) / len(dec))
+    assert s["trigger_asked_per_completion"] == pytest.approx(sum(map(len, dec)) / len(dec))
     # an untrained MemGen is allowed, with a warning
     run(folder, tmp_path, "--limit", "1", "--mode", "memgen", "--out_dir", str(tmp_path / "o2"))
     assert "UNTRAINED" in capsys.readouterr().err
     assert rows_of(tmp_path / "o2/results.jsonl")[0]["insertions"][0][0] == 0  # mode always: the prompt one
+    always = json.loads((tmp_path / "o2/summary.json").read_text())
+    assert "decisions" not in rows_of(tmp_path / "o2/results.jsonl")[0] and "mean_p_insert_prompt" not in always
+    assert always["prompt_insertion_rate"] == 1.0
 
 
 def test_lora_eval_applies_the_adapter(folder, tmp_path):
