@@ -70,6 +70,8 @@ PLOTS = True  # draw the PNG plots (needs matplotlib)
 PROGRESS = True  # show progress bars
 MEMORY_TOP_K = 3  # retrieval variants: nearest training examples per problem (eval.py's default)
 MEMORY_BUDGET = 768  # retrieval variants: most tokens of retrieved text per problem (eval.py's default)
+MEMORY_LIMIT = 0  # retrieval variants: the first this many training problems make the MemoryBank (0 = all of them;
+# embedding GSM8K's 7,473 takes hours on 2 CPU cores, 1,024 about 20 minutes)
 
 # name -> what differs from the paper's MemGen-SFT (method "sft", K = memgen.K, N = memgen.N, trigger "always",
 # boundary "official", latent_init "paper"). method "none" = the untrained base model, "sft-lora" = the SFT baseline.
@@ -206,13 +208,15 @@ def ood_examples(task, rows, tok, max_len):
 
 
 def retrieval_memory(cfg, out_dir, task, model, tok):
-    """The grid's MemoryBank of DATA's training split (gold solutions), built once in out_dir/memorybank (a killed
+    """The grid's MemoryBank of DATA's training split (gold solutions; its first MEMORY_LIMIT problems), built once in out_dir/memorybank (a killed
     build resumes) with the base model, loaded for this variant's model."""
     path = os.path.join(out_dir, "memorybank")
     unused = dict(attempts=1, temperature=0.0, top_p=1.0, max_new_tokens=1, induce_max_new_tokens=1, shown_tokens=1,
                   success_group=0, max_rules=1, workflow_group=1)  # settings of the other memory kinds
-    memory.build(path, task, task.load("train"), model, tok,
-                 dict(unused, kind="memorybank", data=cfg["data"], model=cfg["model"] or "quick", limit=0,
+    rows = task.load("train")
+    memory.build(path, task, rows[:cfg["memory_limit"]] if cfg["memory_limit"] else rows, model, tok,
+                 dict(unused, kind="memorybank", data=cfg["data"], model=cfg["model"] or "quick",
+                      limit=cfg["memory_limit"],
                       memory_source="gold", chunk=256, seed=0, dtype=cfg["dtype"], batch_size=16),
                  progress=cfg["progress"])
     return memory.load(path, model, tok, top_k=cfg["memory_top_k"])
@@ -507,7 +511,7 @@ def main(argv=None):
                        name=cfg["name"] if cfg["name"] != "default" else "quick")
         settings.at_least(cfg, 1, "steps", "batch_size", "micro_batch", "eval_every", "val_size", "max_len",
                           "max_new_tokens", "memory_top_k", "memory_budget")
-        settings.at_least(cfg, 0, "ood_size", "pass_limit", "grad_clip")
+        settings.at_least(cfg, 0, "ood_size", "pass_limit", "grad_clip", "memory_limit")
         settings.above(cfg, 0, "lr")
         settings.in_range(cfg, "warmup", 0, 1, " (a fraction of the steps)")
         names = [n.strip() for n in cfg["only"].split(",") if n.strip()] or list(VARIANTS)

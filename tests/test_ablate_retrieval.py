@@ -17,8 +17,8 @@ def lines(out):
 
 def attached(tmp_path, name, cfg=None):
     """The quick setup's evaluation sets and first training examples as the variant sees them, and the memory."""
-    cfg = dict(data="gsm8k", model="", dtype="auto", progress=False, seed=0, memory_top_k=2, memory_budget=200,
-               max_len=256, val_size=4, ood_size=4, batch_size=2, **(cfg or {}))
+    cfg = {**dict(data="gsm8k", model="", dtype="auto", progress=False, seed=0, memory_top_k=2, memory_budget=200,
+                  max_len=256, val_size=4, ood_size=4, batch_size=2, memory_limit=0), **(cfg or {})}
     model, tok, task, ood = ablate.quick_setup()()
     train, sets = ablate.examples(cfg, task, ood, tok)
     mem = ablate.retrieval_memory(cfg, str(tmp_path), task, model, tok)
@@ -89,3 +89,11 @@ def test_the_fused_variant_feeds_the_context_to_teacher_forced(tmp_path, monkeyp
     ablate.nll(policy, v, model, examples, tok.pad_id, tok.vocab_size, None)
     ablate.nll(policy, ablate.variant("memgen"), model, examples, tok.pad_id, tok.vocab_size, None)
     assert seen == [[e["context"] for e in examples], None]
+
+
+def test_memory_limit_builds_the_bank_from_the_first_training_problems_only(tmp_path):
+    _, task, _, _, _, mem, _ = attached(tmp_path, "memorybank", dict(memory_limit=3))
+    assert [it["id"] for it in mem.store.items] == [str(r["id"]) for r in task.load("train")[:3]]
+    assert mem.store.emb.shape[0] == 3
+    _, _, _, _, _, whole, _ = attached(tmp_path / "all", "memorybank")
+    assert len(whole.store.items) == len(task.load("train")) > 3
