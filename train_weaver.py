@@ -19,8 +19,9 @@ What is trained (the reasoner's own weights never change):
   sft-lora, grpo-lora  one LoRA ("sft") on the reasoner itself, same layers and rank: the paper's SFT/GRPO rows
 
 A saved weaver's weaver.json records the rules it was trained under - K, N, BOUNDARY, the delimiters, LATENT_INIT
-(memgen.RULES) - and every script that loads it runs it by them: --adapter continues under the adapter's rules, and
---k, --n, --boundary or --latent_init given against them is refused.
+(memgen.RULES) - and every script that loads it runs it by them: --adapter continues under the adapter's rules and
+LoRA shape (rank, alpha, targets; dropout unless given), and --k, --n, --boundary, --latent_init or a --lora_* shape
+given against them is refused.
 """
 import torch
 
@@ -124,6 +125,8 @@ def build_policy(run, is_mg):
     layers = tuple(t.strip() for t in cfg["lora_targets"].split(",") if t.strip())
     loading.check_lora_targets(model, layers)
     torch.manual_seed(cfg["seed"])
+    if cfg["adapter"] and not run.resume:  # an adapter that goes on training keeps the shape it was trained with
+        layers = adapter_shape(run, "weaver" if is_mg else "sft", layers)
     lora_shape = (cfg["lora_rank"], cfg["lora_alpha"], cfg["lora_dropout"], layers)
     if is_mg:
         r = weaver_rules(run)
@@ -141,6 +144,27 @@ def build_policy(run, is_mg):
     for p in model.parameters():  # only the adapter tensors learn
         p.requires_grad_(any(p is q for q in run.params))
     run.vocab = min(run.tok.vocab_size, model.cfg.vocab_size)
+
+
+def adapter_shape(run, part, layers):
+    """The LoRA rank, alpha and targets of the --adapter being continued, from its json, into the settings: an alpha
+    left at the default while the adapter was trained with another would silently rescale its update. A shape setting
+    given on the command line that contradicts the adapter is an error; --lora_dropout may change (the adapter's is
+    kept unless given). Returns the targets."""
+    cfg = run.cfg
+    info = loading.check_adapter(cfg["adapter"], part, run.model, allow_other_base=cfg["allow_other_base"])
+    saved = {"lora_rank": info["rank"], "lora_alpha": info["alpha"], "lora_targets": tuple(info["targets"])}
+    given = {"lora_rank": cfg["lora_rank"], "lora_alpha": cfg["lora_alpha"], "lora_targets": layers}
+    for key, value in saved.items():
+        if key in run.given and given[key] != value:
+            shown = ",".join(value) if key == "lora_targets" else value
+            raise settings.SettingsError(f"--{key} contradicts {cfg['adapter']}/{part}.json, which was trained with "
+                                         f"{key}={shown}: drop --{key} (the adapter brings its own)")
+    cfg["lora_rank"], cfg["lora_alpha"] = info["rank"], info["alpha"]
+    cfg["lora_targets"] = ",".join(info["targets"])
+    if "lora_dropout" not in run.given:
+        cfg["lora_dropout"] = info["dropout"]
+    return saved["lora_targets"]
 
 
 def weaver_rules(run):

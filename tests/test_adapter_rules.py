@@ -147,3 +147,29 @@ def test_memgen_load_refuses_a_weaver_saved_under_other_rules(folder, tmp_path):
     memgen.load(mg, str(tmp_path))
     assert mg.is_delim.sum() < memgen.MemGen(model, tok, k=2).is_delim.sum()  # the delimiters shape the table
     assert os.path.isfile(tmp_path / "trigger.json")
+
+
+@pytest.mark.parametrize("method,part,then", [("sft", "weaver", "grpo"), ("sft-lora", "sft", "grpo-lora")])
+def test_an_adapter_goes_on_with_its_own_lora_shape_and_a_contradicting_one_is_refused(folder, add_task, tmp_path,
+                                                                                        capsys, method, part, then):
+    """--adapter continues under the adapter's LoRA rank, alpha and targets (a default alpha would silently rescale
+    a weaver trained with another); a --lora_* flag that contradicts them is one line."""
+    base = ["--model", folder, "--data", add_task, "--max_steps=1", "--batch_size=2", *QUIET]
+    first = str(tmp_path / "first")
+    tw.main(base + [f"--method={method}", "--lora_rank=4", "--lora_alpha=64", "--lora_targets=q_proj,k_proj",
+                    "--lora_dropout=0.0", f"--out_dir={first}"])
+    on = base + [f"--method={then}", f"--adapter={first}/final", "--group=2", "--max_new_tokens=4"]
+    res = tw.main(on + [f"--out_dir={tmp_path / 'on'}"])
+    saved = json.loads((tmp_path / f"on/final/{part}.json").read_text())
+    assert (saved["rank"], saved["alpha"], saved["targets"], saved["dropout"]) == (4, 64, ["q_proj", "k_proj"], 0.0)
+    model = res["policy"].model if part == "weaver" else res["policy"]
+    assert model.lora_meta[part]["alpha"] == 64
+    config = json.loads((tmp_path / "on/config.json").read_text())
+    assert (config["lora_rank"], config["lora_alpha"], config["lora_targets"]) == (4, 64, "q_proj,k_proj")
+    line = fails(tw.main, on + ["--lora_alpha=32", f"--out_dir={tmp_path / 'x'}"], capsys)
+    assert line.endswith(f"--lora_alpha contradicts {first}/final/{part}.json, which was trained with lora_alpha=64: "
+                         "drop --lora_alpha (the adapter brings its own)")
+    assert "--lora_targets contradicts" in fails(tw.main, on + ["--lora_targets=q_proj,v_proj",
+                                                                f"--out_dir={tmp_path / 'y'}"], capsys)
+    tw.main(on + ["--lora_rank=4", "--lora_dropout=0.1", f"--out_dir={tmp_path / 'z'}"])  # agreeing; dropout may change
+    assert json.loads((tmp_path / f"z/final/{part}.json").read_text())["dropout"] == 0.1
