@@ -424,7 +424,9 @@ def generate(mg, tokenizer, prompts, max_new_tokens=256, temperature=0.0, top_p=
     for t in range(max_new_tokens):
         # (d) SAMPLE: from the logits after each row's last slot, so never from a latent
         tok = sample(st.next_logits, temperature, top_p, gen)
-        if bool(st.deferred.any()):  # rule "sentence": the boundary before tok holds unless tok continues a number
+        # rule "sentence": the boundary before tok holds unless tok continues a number (the rule test first: the
+        # look at deferred waits for the GPU)
+        if mg.boundary == "sentence" and bool(st.deferred.any()):
             ins = insert(mg, st, caches, st.deferred & ~mg.starts_digit[tok], t, mode, gen, trigger_sample)
             if ins is not None:  # tok was sampled before the latents: take it back, sample again after them, among
                 # tokens that do not continue the number (the sentence ended here, as training will read it)
