@@ -5,6 +5,7 @@ continuous metrics, so an ablation shows a signal on a CPU where pass@1 would re
     python ablate.py --model=FOLDER                          # the whole grid (VARIANTS below), out/ablate-default/
     python ablate.py --model=FOLDER --only=vanilla,sft-lora,memgen --steps=300 --name=core
     python ablate.py --quick=true                            # a tiny random model built in memory, < 1 minute
+    python ablate.py --model=FOLDER --only=sft-lora,memgen --seeds=42,43,44   # one grid per seed + seeds.md
 
 Each variant is a set of overrides of the MemGen / training constants (the VARIANTS table: edit it to add one).
 Every EVAL_EVERY steps (and at step 0) each variant is measured the same way:
@@ -21,7 +22,9 @@ in the reasoner's prompt as eval.py --mode=memorybank does. A problem never retr
 out/ablate-<name>/results.jsonl gets one line per variant and eval point as they finish (a killed grid resumes:
 finished variants are skipped, a variant in progress continues from its last eval point), results.md the table,
 nll_vs_step.png / in_vs_ood.png the plots (matplotlib, a dev-only dependency), and adapters/<variant>/ each trained
-variant's adapters (for eval.py and show.py --adapter).
+variant's adapters (for eval.py and show.py --adapter). With --seeds each seed's grid goes to seed-S/ and
+seeds.md / seeds.json / seeds_in_vs_ood.png give each variant's mean, spread and per-seed values, and the paired
+differences between variants seed by seed.
 """
 import json
 import math
@@ -63,6 +66,8 @@ PASS_LIMIT = 0  # greedy pass@1 on the first PASS_LIMIT test problems at the end
 MAX_NEW_TOKENS = 256  # longest completion for pass@1
 MAX_LEN = 512  # prompt + target tokens of a training or NLL example (targets are cut)
 SEED = 42  # the same for every variant: same batches, same initial adapters where shapes agree
+SEEDS = ""  # comma-separated seeds: the grid once per seed in OUT_DIR/seed-S/, then seeds.md with each variant's
+# mean and spread over them ("" = one grid at SEED in OUT_DIR)
 DTYPE = "auto"  # auto | float32 | bfloat16 | float16
 DEVICE = "auto"  # auto | cpu | cuda
 QUICK = False  # a tiny random model and synthetic tasks built in memory: the whole grid in under a minute
@@ -521,23 +526,133 @@ def main(argv=None):
                                              "with --pass_limit=0")
         if not cfg["quick"] and not cfg["model"]:
             raise settings.SettingsError("--model is required: a local model folder or a hub id (or --quick=true)")
+        seeds = parse_seeds(cfg["seeds"])
         out_dir = cfg["out_dir"] or os.path.join("out", f"ablate-{cfg['name']}")
-        os.makedirs(out_dir, exist_ok=True)
-        load, where = quick_setup(), "tiny random model (--quick)"
-        if not cfg["quick"]:
-            load, where = real_setup(cfg), f"{os.path.basename(cfg['model'].rstrip('/'))}"
-        results = read_results(os.path.join(out_dir, "results.jsonl"))
-        for name in names:
-            if any(r["variant"] == name and r.get("final") for r in results):
-                print(f"{_PROG}: {name}: finished earlier, skipped", file=sys.stderr)
-                continue
-            run_variant(name, cfg, load, results, out_dir)
-            write_markdown(os.path.join(out_dir, "results.md"), results, names, cfg, where)
+        if not seeds:
+            return run_grid(cfg, names, out_dir)
+        grids = {s: run_grid(dict(cfg, seed=s), names, os.path.join(out_dir, f"seed-{s}")) for s in seeds}
+        report = write_seeds(out_dir, {s: g["results"] for s, g in grids.items()}, names, cfg)
+        print(f"{_PROG}: {len(seeds)} seeds -> {', '.join(report)}", file=sys.stderr)
+        return {"out_dir": out_dir, "seeds": grids, "report": report}
+
+
+def parse_seeds(text):
+    try:
+        seeds = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise settings.SettingsError(f"--seeds={text!r}: give whole numbers separated by commas, e.g. 42,43,44") \
+            from None
+    if len(set(seeds)) != len(seeds):
+        raise settings.SettingsError(f"--seeds={text!r} names a seed twice")
+    return seeds
+
+
+def run_grid(cfg, names, out_dir):
+    """The grid at cfg's seed in out_dir: every variant of names not finished there, then results.md and the plots."""
+    os.makedirs(out_dir, exist_ok=True)
+    load, where = quick_setup(), "tiny random model (--quick)"
+    if not cfg["quick"]:
+        load, where = real_setup(cfg), f"{os.path.basename(cfg['model'].rstrip('/'))}"
+    results = read_results(os.path.join(out_dir, "results.jsonl"))
+    for name in names:
+        if any(r["variant"] == name and r.get("final") for r in results):
+            print(f"{_PROG}: {name}: finished earlier, skipped", file=sys.stderr)
+            continue
+        run_variant(name, cfg, load, results, out_dir)
         write_markdown(os.path.join(out_dir, "results.md"), results, names, cfg, where)
-        plots = plot(out_dir, results, names) if cfg["plots"] else []
-        print(f"{_PROG}: {len(final_rows(results, names))}/{len(names)} variants done -> "
-              f"{os.path.join(out_dir, 'results.md')}" + "".join(f", {p}" for p in plots), file=sys.stderr)
-        return {"out_dir": out_dir, "results": results, "plots": plots}
+    write_markdown(os.path.join(out_dir, "results.md"), results, names, cfg, where)
+    plots = plot(out_dir, results, names) if cfg["plots"] else []
+    print(f"{_PROG}: {len(final_rows(results, names))}/{len(names)} variants done -> "
+          f"{os.path.join(out_dir, 'results.md')}" + "".join(f", {p}" for p in plots), file=sys.stderr)
+    return {"out_dir": out_dir, "results": results, "plots": plots}
+
+
+# -----------------------------------------------------------------------------
+# --seeds: one grid per seed, and each variant's mean and spread over them
+
+
+def seed_stats(by_seed, names):
+    """{variant: {metric: {"values": {seed: x}, "mean", "sd" (sample; None for one seed), "min", "max"}}} over the
+    final rows of each seed's grid; and {(a, b): {metric: {seed: a - b}}} for every pair of variants that finished
+    in the same seeds (a grid's variants share data, batches and seed, so differences pair up seed by seed)."""
+    stats = {}
+    for name in names:
+        finals = {s: r for s, res in by_seed.items() for r in final_rows(res, [name])}
+        if not finals:
+            continue
+        stats[name] = {}
+        for metric in ("in_nll", "ood_nll"):
+            vals = {s: r[metric] for s, r in finals.items() if r.get(metric) is not None}
+            if not vals:
+                continue
+            xs = list(vals.values())
+            mean = sum(xs) / len(xs)
+            sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else None
+            stats[name][metric] = dict(values=vals, mean=mean, sd=sd, min=min(xs), max=max(xs))
+    pairs = {}
+    done = list(stats)
+    for i, a in enumerate(done):
+        for b in done[i + 1:]:
+            for metric in ("in_nll", "ood_nll"):
+                va, vb = stats[a].get(metric, {}).get("values", {}), stats[b].get(metric, {}).get("values", {})
+                both = sorted(set(va) & set(vb))
+                if len(both) > 1:
+                    pairs.setdefault((a, b), {})[metric] = {s: va[s] - vb[s] for s in both}
+    return stats, pairs
+
+
+def write_seeds(out_dir, by_seed, names, cfg):
+    """seeds.md (each variant's mean, sample sd and range over the seeds, and the paired differences), seeds.json
+    (the same numbers) and, with PLOTS, seeds_in_vs_ood.png. Returns the paths written."""
+    stats, pairs = seed_stats(by_seed, names)
+    seeds = sorted(by_seed)
+    fmt = lambda x: "" if x is None else f"{x:.4f}"  # noqa: E731
+    lines = [f"# ablate.py grid `{cfg['name']}` over seeds {', '.join(map(str, seeds))}", "",
+             f"{cfg['steps']} steps x {cfg['batch_size']} examples, lr {cfg['lr']}; each seed's grid in seed-S/. "
+             "NLL in nats per token (lower is better): the mean over the seeds whose grid finished the variant, the "
+             "sample standard deviation, the range, and each seed's value.", "",
+             "| variant | metric | seeds | mean | sd | min | max | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+             "|---" * (7 + len(seeds)) + "|"]
+    for name, by_metric in stats.items():
+        for metric, st in by_metric.items():
+            lines.append(f"| {name} | {metric} | {len(st['values'])} | {fmt(st['mean'])} | {fmt(st['sd'])} | "
+                         f"{fmt(st['min'])} | {fmt(st['max'])} | "
+                         + " | ".join(fmt(st["values"].get(s)) for s in seeds) + " |")
+    if pairs:
+        lines += ["", "Paired differences (a minus b, seed by seed; negative: a is lower):", "",
+                  "| a | b | metric | mean | sd | a lower in | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+                  "|---" * (6 + len(seeds)) + "|"]
+        for (a, b), by_metric in pairs.items():
+            for metric, d in by_metric.items():
+                xs = list(d.values())
+                mean = sum(xs) / len(xs)
+                sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1))
+                lines.append(f"| {a} | {b} | {metric} | {mean:+.4f} | {sd:.4f} | {sum(x < 0 for x in xs)} of "
+                             f"{len(xs)} | " + " | ".join("" if d.get(s) is None else f"{d[s]:+.4f}" for s in seeds)
+                             + " |")
+    paths = [os.path.join(out_dir, "seeds.md"), os.path.join(out_dir, "seeds.json")]
+    write_atomic(paths[0], "\n".join(lines) + "\n")
+    as_json = {"seeds": seeds, "variants": stats,
+               "pairs": [dict(a=a, b=b, metric=m, diff=d) for (a, b), bm in pairs.items() for m, d in bm.items()]}
+    write_atomic(paths[1], json.dumps(as_json, indent=1) + "\n")
+    plt = pyplot(_PROG) if cfg["plots"] else None
+    if plt is not None and any("ood_nll" in st for st in stats.values()):
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+        for name, st in stats.items():
+            if "in_nll" not in st or "ood_nll" not in st:
+                continue
+            both = [s for s in st["in_nll"]["values"] if s in st["ood_nll"]["values"]]
+            dots = ax.scatter([st["in_nll"]["values"][s] for s in both], [st["ood_nll"]["values"][s] for s in both],
+                              s=12, alpha=0.5)
+            ax.scatter(st["in_nll"]["mean"], st["ood_nll"]["mean"], marker="x", s=60, color=dots.get_facecolor()[0],
+                       label=name)
+        ax.set_xlabel("in-domain NLL (held-out, lower is better)")
+        ax.set_ylabel("out-of-domain NLL (lower = less forgetting)")
+        ax.set_title("dots: one seed each; x: the mean", fontsize=9)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+        paths.append(save_figure(fig, os.path.join(out_dir, "seeds_in_vs_ood.png")))
+    return paths
 
 
 def real_setup(cfg):

@@ -102,3 +102,41 @@ def test_without_matplotlib_the_plots_are_skipped_with_one_message_and_no_files(
     err = capsys.readouterr().err
     assert "matplotlib is not installed" in err and "requirements-dev.txt" in err
     assert os.listdir(tmp_path) == []
+
+
+def test_seeds_run_one_grid_each_and_report_mean_spread_and_paired_differences(tmp_path, capsys):
+    out = str(tmp_path / "g")
+    args = ["--quick=true", f"--out_dir={out}", "--progress=false", "--only=vanilla,memgen,memgen-n0", "--seeds=3,5"]
+    res = ablate.main(args)
+    finals = {}
+    for s in (3, 5):
+        rows = lines(os.path.join(out, f"seed-{s}"))
+        finals[s] = {r["variant"]: r for r in rows if r["final"]}
+        assert list(finals[s]) == ["vanilla", "memgen", "memgen-n0"]
+    assert finals[3]["memgen"]["in_nll"] != finals[5]["memgen"]["in_nll"]  # the seed reaches the training
+    report = json.load(open(os.path.join(out, "seeds.json")))
+    assert report["seeds"] == [3, 5]
+    for name in ("vanilla", "memgen", "memgen-n0"):
+        for metric in ("in_nll", "ood_nll"):
+            st = report["variants"][name][metric]
+            xs = [finals[s][name][metric] for s in (3, 5)]
+            assert st["values"] == {"3": xs[0], "5": xs[1]}
+            assert st["mean"] == pytest.approx(sum(xs) / 2)
+            assert st["sd"] == pytest.approx(abs(xs[0] - xs[1]) / 2 ** 0.5)
+    pair = next(p for p in report["pairs"] if (p["a"], p["b"], p["metric"]) == ("memgen", "memgen-n0", "in_nll"))
+    assert pair["diff"] == {str(s): pytest.approx(finals[s]["memgen"]["in_nll"] - finals[s]["memgen-n0"]["in_nll"])
+                            for s in (3, 5)}
+    md = open(os.path.join(out, "seeds.md")).read()
+    assert "| memgen | in_nll | 2 |" in md and "| memgen | memgen-n0 | in_nll |" in md
+    assert os.path.isfile(os.path.join(out, "seeds_in_vs_ood.png")) and res["report"][0].endswith("seeds.md")
+    capsys.readouterr()
+    ablate.main(args)  # everything finished: nothing is trained again, the report is the same
+    assert capsys.readouterr().err.count("finished earlier, skipped") == 6
+    assert json.load(open(os.path.join(out, "seeds.json"))) == report
+
+
+def test_bad_seeds_get_one_line(capsys):
+    for bad, said in (("42,x", "give whole numbers"), ("1,1", "names a seed twice")):
+        with pytest.raises(SystemExit):
+            ablate.main(["--quick=true", f"--seeds={bad}"])
+        assert said in capsys.readouterr().err
