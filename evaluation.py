@@ -78,6 +78,17 @@ def pass_at_k(n, c, k):
     return 1.0 - prob_all_wrong
 
 
+def mcnemar(a, b):
+    """Two runs' paired outcomes on the same problems (bools, a[i] and b[i] for problem i) -> (lost, gained, p):
+    problems a solves and b does not, the reverse, and the exact two-sided McNemar p (the binomial test of the
+    discordant pairs against an even split; 1.0 when there are none)."""
+    lost = sum(bool(x) and not y for x, y in zip(a, b))
+    gained = sum(bool(y) and not x for x, y in zip(a, b))
+    n = lost + gained
+    tail = sum(math.comb(n, i) for i in range(min(lost, gained) + 1)) / 2 ** n
+    return lost, gained, min(1.0, 2 * tail)
+
+
 def summarize(records, samples):
     """Metrics over result rows (as written to results.jsonl). Every generated row holds `samples` completions.
 

@@ -1,5 +1,7 @@
 """
 passk.py: pass@k against k for eval.py runs that sampled several completions per problem - one table, one plot.
+Greedy runs (one completion per problem) get pass@1 and, against the first run, the paired counts of problems lost
+and gained with an exact McNemar p.
 
     python eval.py --model=M --limit=50 --samples=16 --temperature=1.0 --out_dir=out/passk/vanilla
     python eval.py --model=M --mode=lora --adapter=A --limit=50 --samples=16 --temperature=1.0 --out_dir=out/passk/lora
@@ -73,15 +75,15 @@ def curves(runs):
         elif samples != want:
             raise evaluation.EvalError(f"{label} drew {samples} completions per problem, {first} {want}: give every "
                                        "run the same --samples")
-        if not isinstance(samples, int) or samples < 2:
-            raise evaluation.EvalError(f"{label}: {samples} completion(s) per problem; pass@k against k needs "
-                                       "--samples of 2 or more (and --temperature above 0)")
+        if not isinstance(samples, int) or samples < 1:
+            raise evaluation.EvalError(f"{label}: run.json says {samples!r} completions per problem; give the "
+                                       "--out_dir of a finished eval.py run")
         recs = [rows[i] for i in ids]
         evaluation.summarize(recs, samples)  # checks every row holds `samples` completions
         per = [[0.0] * samples if "skipped" in r else
                [evaluation.pass_at_k(samples, sum(r["correct"]), k) for k in range(1, samples + 1)] for r in recs]
         out[label] = {"run": run, "n": len(recs), "samples": samples, "pass@k": evaluation.pass_curve(recs, samples),
-                      "per_problem": per}
+                      "per_problem": per, "solved": [bool(r.get("correct", [False])[0]) for r in recs]}
     return out
 
 
@@ -120,6 +122,13 @@ def report(res, resamples, seed):
             body["runs"][label]["minus_baseline"] = {"diff": diff, "lo": lo, "hi": hi}
             lines.append(f"| {label} | " + " | ".join(f"{100 * d:+.1f} [{100 * a:+.1f}, {100 * b:+.1f}]"
                                                       for d, a, b in zip(diff, lo, hi)) + " |")
+    if S == 1 and len(labels) > 1:  # greedy runs: each problem solved or not, paired with the baseline
+        lines += ["", f"Against {base}, problem by problem (exact two-sided McNemar test of the discordant pairs):", "",
+                  "| run | pass@1 | lost | gained | p |", "|---|---|---|---|---|"]
+        for label in labels[1:]:
+            lost, gained, p = evaluation.mcnemar(res[base]["solved"], res[label]["solved"])
+            body["runs"][label]["mcnemar"] = {"lost": lost, "gained": gained, "p": p}
+            lines.append(f"| {label} | {100 * res[label]['pass@k'][0]:.1f} | {lost} | {gained} | {p:.3g} |")
     body["baseline"], body["bootstrap"], body["seed"] = base, resamples, seed
     return "\n".join(lines) + "\n", body
 

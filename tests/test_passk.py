@@ -2,6 +2,7 @@
 from eval.py's own result folders, and runs that cannot be compared are refused with one line (issue 24 item 3)."""
 import itertools
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -74,7 +75,7 @@ def test_table_json_and_plot_from_result_folders(tmp_path, capsys):
 @pytest.mark.parametrize("case,message", [
     ("other-problems", "not the same ones"),
     ("other-samples", "the same --samples"),
-    ("one-sample", "needs --samples of 2 or more"),
+    ("no-samples", "completions per problem"),
     ("missing", "holds no eval.py results"),
     ("bad-spec", "is not LABEL=FOLDER"),
     ("twice", "given twice"),
@@ -83,7 +84,7 @@ def test_runs_that_cannot_be_compared_are_one_clear_line(tmp_path, capsys, case,
     a = write_run(tmp_path / "a", PATTERN)
     runs = {"other-problems": lambda: f"a={a},b={write_run(tmp_path / 'b', PATTERN[:3])}",
             "other-samples": lambda: f"a={a},b={write_run(tmp_path / 'b', [c and c[:4] for c in PATTERN], samples=4)}",
-            "one-sample": lambda: f"a={write_run(tmp_path / 'b', [[True], [False]], samples=1)}",
+            "no-samples": lambda: f"a={write_run(tmp_path / 'b', [[True], [False]], samples=None)}",
             "missing": lambda: f"a={a},b={tmp_path / 'nowhere'}",
             "bad-spec": lambda: f"a={a},{tmp_path}",
             "twice": lambda: f"a={a},a={a}"}[case]()
@@ -113,3 +114,26 @@ def test_the_curve_of_real_eval_runs_matches_their_summaries(long_folder, gsm8k_
         curve = body["runs"][f"seed{seed}"]["pass@k"]
         assert [curve[0], curve[1], curve[3]] == pytest.approx([s["pass@1"], s["pass@2"], s["pass@4"]])
     assert body["runs"]["seed0"]["pass@k"] != body["runs"]["seed1"]["pass@k"]  # c varied with the sampled text
+
+
+def test_mcnemar_counts_the_discordant_pairs_and_its_p_is_the_exact_binomial_one():
+    a = [True] * 40 + [False] * 15 + [True] * 10 + [False] * 35
+    b = [False] * 35 + [True] * 5 + [True] * 13 + [False] * 2 + [True] * 10 + [False] * 35
+    lost, gained, p = evaluation.mcnemar(a, b)
+    assert (lost, gained) == (35, 13)
+    # two-sided: twice the chance of 13 or fewer of 48 fair coin flips (the findings' 56.7 -> 43.3, p = 0.002)
+    assert p == pytest.approx(2 * sum(math.comb(48, i) for i in range(14)) / 2 ** 48) and round(p, 3) == 0.002
+    assert evaluation.mcnemar([True] * 5, [False] * 5)[2] == pytest.approx(0.0625)
+    assert evaluation.mcnemar([True, False], [True, False]) == (0, 0, 1.0)
+    assert evaluation.mcnemar([True] * 3 + [False] * 3, [False] * 3 + [True] * 3) == (3, 3, 1.0)
+
+
+def test_greedy_runs_get_pass_at_1_and_a_paired_mcnemar_table(tmp_path, capsys):
+    base = [[True], [True], [False], [True], [False], None]
+    other = [[False], [True], [True], [False], [False], None]
+    a = write_run(tmp_path / "a", base, samples=1, temperature=0.0)
+    b = write_run(tmp_path / "b", other, samples=1, temperature=0.0, mode="memgen")
+    body = passk.main([f"--runs=always={a},learned={b}", f"--out={tmp_path / 'o'}", "--plots=false"])
+    assert body["k"] == [1] and body["runs"]["always"]["pass@k"] == pytest.approx([3 / 6])
+    assert body["runs"]["learned"]["mcnemar"] == {"lost": 2, "gained": 1, "p": 1.0}
+    assert "| learned | 33.3 | 2 | 1 | 1 |" in (tmp_path / "o.md").read_text()
