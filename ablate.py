@@ -76,7 +76,7 @@ PROGRESS = True  # show progress bars
 MEMORY_TOP_K = 3  # retrieval variants: nearest training examples per problem (eval.py's default)
 MEMORY_BUDGET = 768  # retrieval variants: most tokens of retrieved text per problem (eval.py's default)
 MEMORY_LIMIT = 0  # retrieval variants: the first this many training problems make the MemoryBank (0 = all of them;
-# embedding GSM8K's 7,473 takes hours on 2 CPU cores, 1,024 about 20 minutes)
+# SmolLM2-135M embeds 256 GSM8K problems in about 80 s on 2 CPU cores: all 7,473 about 40 minutes)
 
 # name -> what differs from the paper's MemGen-SFT (method "sft", K = memgen.K, N = memgen.N, trigger "always",
 # boundary "official", latent_init "paper"). method "none" = the untrained base model, "sft-lora" = the SFT baseline.
