@@ -66,8 +66,8 @@ PASS_LIMIT = 0  # greedy pass@1 on the first PASS_LIMIT test problems at the end
 MAX_NEW_TOKENS = 256  # longest completion for pass@1
 MAX_LEN = 512  # prompt + target tokens of a training or NLL example (targets are cut)
 SEED = 42  # the same for every variant: same batches, same initial adapters where shapes agree
-SEEDS = ""  # comma-separated seeds: the grid once per seed in OUT_DIR/seed-S/, then seeds.md with each variant's
-# mean and spread over them ("" = one grid at SEED in OUT_DIR)
+SEEDS = ""  # comma-separated seeds: one grid per seed in OUT_DIR/seed-S/ and seeds.md ("" = one grid at SEED)
+# (seeds.md / seeds.json: each variant's mean, spread and per-seed values, and paired differences between variants)
 DTYPE = "auto"  # auto | float32 | bfloat16 | float16
 DEVICE = "auto"  # auto | cpu | cuda
 QUICK = False  # a tiny random model and synthetic tasks built in memory: the whole grid in under a minute
@@ -75,8 +75,8 @@ PLOTS = True  # draw the PNG plots (needs matplotlib)
 PROGRESS = True  # show progress bars
 MEMORY_TOP_K = 3  # retrieval variants: nearest training examples per problem (eval.py's default)
 MEMORY_BUDGET = 768  # retrieval variants: most tokens of retrieved text per problem (eval.py's default)
-MEMORY_LIMIT = 0  # retrieval variants: the first this many training problems make the MemoryBank (0 = all of them;
-# SmolLM2-135M embeds 256 GSM8K problems in about 80 s on 2 CPU cores: all 7,473 about 40 minutes)
+MEMORY_LIMIT = 0  # retrieval variants: the MemoryBank holds the first this many training problems (0 = all)
+# (SmolLM2-135M embeds 256 GSM8K problems in about 80 s on 2 CPU cores: all 7,473 in about 40 minutes)
 
 # name -> what differs from the paper's MemGen-SFT (method "sft", K = memgen.K, N = memgen.N, trigger "always",
 # boundary "official", latent_init "paper"). method "none" = the untrained base model, "sft-lora" = the SFT baseline.
