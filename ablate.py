@@ -213,8 +213,8 @@ def ood_examples(task, rows, tok, max_len):
 
 
 def retrieval_memory(cfg, out_dir, task, model, tok):
-    """The grid's MemoryBank of DATA's training split (gold solutions; its first MEMORY_LIMIT problems), built once in out_dir/memorybank (a killed
-    build resumes) with the base model, loaded for this variant's model."""
+    """The grid's MemoryBank of DATA's training split (gold solutions; its first MEMORY_LIMIT problems), built once
+    in out_dir/memorybank (a killed build resumes) with the base model, loaded for this variant's model."""
     path = os.path.join(out_dir, "memorybank")
     unused = dict(attempts=1, temperature=0.0, top_p=1.0, max_new_tokens=1, induce_max_new_tokens=1, shown_tokens=1,
                   success_group=0, max_rules=1, workflow_group=1)  # settings of the other memory kinds

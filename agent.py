@@ -526,18 +526,6 @@ def training_points(mg, ids, agent, turn_starts, n=None):
     return points.to(ids.device), is_prompt.to(ids.device)
 
 
-def teacher_forced(mg, ids, mask, points, is_prompt):
-    """MemGen's training forward on multi-turn rows (memgen.teacher_forced with a type per point): hidden (B, T, D),
-    hidden[:, t] predicting token t+1."""
-    embeds = mg.model.embed(ids)
-    latents = memgen.weaver_rounds(mg, embeds, points, None, is_prompt=is_prompt)
-    seq, seq_len, tok_slot = memgen.assemble(mg, embeds, mask, points, latents)
-    first = points[:, 0] if points.shape[1] else torch.full_like(seq_len, -1)
-    h = memgen.packed_reasoner(mg.model, seq, seq_len, torch.where(first >= 0, first, seq_len))
-    pred_slot = torch.cat([tok_slot[:, 1:] - 1, tok_slot[:, -1:]], 1).clamp(max=seq.shape[1] - 1)
-    return h.gather(1, pred_slot[..., None].expand(-1, -1, h.shape[-1]))
-
-
 def batch_tensors(examples, pad_id, device):
     """Right-padded ids, mask and agent mask (B, T) of encode_trajectories examples, and their turn starts."""
     seqs = [e["prompt"] + e["completion"] for e in examples]
@@ -549,14 +537,15 @@ def batch_tensors(examples, pad_id, device):
 
 
 def sft_nll(policy, examples, pad_id, vocab, adapter="sft"):
-    """(summed NLL, count) of the agent's tokens of a micro-batch of trajectories: MemGen through teacher_forced with
-    the loop's insertions; otherwise the reasoner with `adapter` (LoRA-SFT), packed as memgen does."""
+    """(summed NLL, count) of the agent's tokens of a micro-batch of trajectories: MemGen through
+    memgen.teacher_forced with the loop's insertions; otherwise the reasoner with `adapter` (LoRA-SFT), packed as
+    memgen does."""
     is_mg = isinstance(policy, memgen.MemGen)
     model = policy.model if is_mg else policy
     ids, mask, agent, starts = batch_tensors(examples, pad_id, model.device)
     if is_mg:
         points, is_prompt = training_points(policy, ids, agent.tolist(), starts)
-        h = teacher_forced(policy, ids, mask, points, is_prompt)
+        h = memgen.teacher_forced(policy, ids, mask, None, points, is_prompt=is_prompt)
     else:
         zero = torch.zeros_like(mask[:, 0], dtype=torch.long)
         h = memgen.packed_reasoner(model, model.embed(ids), mask.sum(1), zero, adapter)

@@ -498,19 +498,20 @@ def insertion_points(mg, ids, mask, prompt_len, n=None):
     return points
 
 
-def teacher_forced(mg, ids, mask, prompt_len, points, context=None):
+def teacher_forced(mg, ids, mask, prompt_len, points, context=None, is_prompt=None):
     """
     The batched, cached training forward (paper §3.2, teacher forcing).
     ids, mask (B, T): prompt + completion tokens, right-padded. prompt_len (B,). points (B, J): token indices to
     insert latents before (sorted, -1 = none); a point equal to prompt_len is the prompt insertion. context: per row,
-    token ids only the weaver reads, in front of the prompt (weaver_context), or None.
+    token ids only the weaver reads, in front of the prompt (weaver_context), or None. is_prompt (B, J): each point's
+    insertion type instead (agent.py: a prompt insertion at every turn; prompt_len may then be None).
     Returns hidden (B, T, D): hidden[:, t] is the reasoner's state that predicts token t+1 - the slot right before
     token t+1, which is the last latent when latents were inserted there. Logits: mg.model.head(hidden).
     Three stages: weaver_rounds (all latents), assemble (tokens and latents in one sequence per row), and
     packed_reasoner (the reasoner over all rows at once).
     """
     embeds = mg.model.embed(ids)
-    latents = weaver_rounds(mg, embeds, points, prompt_len, weaver_context(mg, context))
+    latents = weaver_rounds(mg, embeds, points, prompt_len, weaver_context(mg, context), is_prompt)
     seq, seq_len, tok_slot = assemble(mg, embeds, mask, points, latents)
     first = points[:, 0] if points.shape[1] else torch.full_like(seq_len, -1)
     prefix_len = torch.where(first >= 0, first, seq_len)  # slots before a row's first latent

@@ -251,7 +251,7 @@ def test_training_forward_inserts_where_decoding_did_and_predicts_its_tokens(tin
         got = [(int(p), bool(q)) for p, q in zip(points[b], is_prompt[b]) if p >= 0]
         assert got == list(zip(e["points"], e["prompt_points"]))
     with torch.no_grad():
-        h = agent.teacher_forced(mg, ids, mask, points, is_prompt)
+        h = memgen.teacher_forced(mg, ids, mask, None, points, is_prompt=is_prompt)
         pred = mg.model.head(h)[..., :mg.vocab].argmax(-1)
     label = agent_mask[:, 1:]
     assert torch.equal(pred[:, :-1][label], ids[:, 1:][label])
