@@ -30,6 +30,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import sys
 import time
 import types
@@ -586,9 +587,8 @@ def seed_stats(by_seed, names):
             if not vals:
                 continue
             xs = list(vals.values())
-            mean = sum(xs) / len(xs)
-            sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else None
-            stats[name][metric] = dict(values=vals, mean=mean, sd=sd, min=min(xs), max=max(xs))
+            stats[name][metric] = dict(values=vals, mean=statistics.mean(xs),
+                                       sd=statistics.stdev(xs) if len(xs) > 1 else None, min=min(xs), max=max(xs))
     pairs = {}
     done = list(stats)
     for i, a in enumerate(done):
@@ -625,9 +625,8 @@ def write_seeds(out_dir, by_seed, names, cfg):
         for (a, b), by_metric in pairs.items():
             for metric, d in by_metric.items():
                 xs = list(d.values())
-                mean = sum(xs) / len(xs)
-                sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1))
-                lines.append(f"| {a} | {b} | {metric} | {mean:+.4f} | {sd:.4f} | {sum(x < 0 for x in xs)} of "
+                lines.append(f"| {a} | {b} | {metric} | {statistics.mean(xs):+.4f} | {statistics.stdev(xs):.4f} | "
+                             f"{sum(x < 0 for x in xs)} of "
                              f"{len(xs)} | " + " | ".join("" if d.get(s) is None else f"{d[s]:+.4f}" for s in seeds)
                              + " |")
     paths = [os.path.join(out_dir, "seeds.md"), os.path.join(out_dir, "seeds.json")]

@@ -83,7 +83,7 @@ def curves(runs):
         per = [[0.0] * samples if "skipped" in r else
                [evaluation.pass_at_k(samples, sum(r["correct"]), k) for k in range(1, samples + 1)] for r in recs]
         out[label] = {"run": run, "n": len(recs), "samples": samples, "pass@k": evaluation.pass_curve(recs, samples),
-                      "per_problem": per, "solved": [bool(r.get("correct", [False])[0]) for r in recs]}
+                      "per_problem": per}
     return out
 
 
@@ -126,7 +126,9 @@ def report(res, resamples, seed):
         lines += ["", f"Against {base}, problem by problem (exact two-sided McNemar test of the discordant pairs):", "",
                   "| run | pass@1 | lost | gained | p |", "|---|---|---|---|---|"]
         for label in labels[1:]:
-            lost, gained, p = evaluation.mcnemar(res[base]["solved"], res[label]["solved"])
+            # with one sample a problem's pass@1 is 1 (solved) or 0 (not, or skipped)
+            solved = {r: [x[0] == 1.0 for x in res[r]["per_problem"]] for r in (base, label)}
+            lost, gained, p = evaluation.mcnemar(solved[base], solved[label])
             body["runs"][label]["mcnemar"] = {"lost": lost, "gained": gained, "p": p}
             lines.append(f"| {label} | {100 * res[label]['pass@k'][0]:.1f} | {lost} | {gained} | {p:.3g} |")
     body["baseline"], body["bootstrap"], body["seed"] = base, resamples, seed

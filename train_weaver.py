@@ -136,9 +136,7 @@ def build_policy(run, is_mg):
     else:
         lora.inject(model, ["sft"], layers, *lora_shape[:3])
         run.policy, params = model, lora.parameters(model, "sft")
-    if cfg["adapter"] and not run.resume:
-        if not is_mg:
-            loading.check_adapter(cfg["adapter"], "sft", model, allow_other_base=cfg["allow_other_base"])
+    if cfg["adapter"] and not run.resume:  # adapter_shape has checked its base model
         load(run, cfg["adapter"])
     run.params = list(params.values())
     for p in model.parameters():  # only the adapter tensors learn
