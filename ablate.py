@@ -61,6 +61,7 @@ LR = 1e-4  # peak learning rate (higher than the paper's 1e-5 so a few hundred C
 WARMUP = 0.1  # fraction of the steps with a linear warm-up, then cosine decay to 0
 GRAD_CLIP = 1.0  # global gradient-norm clip (0 = none)
 EVAL_EVERY = 50  # measure every this many steps (and at steps 0 and STEPS); each eval point is a resume point
+SAVE_EVERY = 10  # also keep the training state every this many steps: a killed run loses at most these
 VAL_SIZE = 32  # held-out problems for in_nll
 OOD_SIZE = 32  # out-of-domain problems for ood_nll
 PASS_LIMIT = 0  # greedy pass@1 on the first PASS_LIMIT test problems at the end (0 = skip; slow on a CPU)
@@ -271,7 +272,7 @@ def run_variant(name, cfg, load, results, out_dir):
     optimizer = torch.optim.AdamW(params, lr=cfg["lr"]) if params else None
     ckpt = os.path.join(out_dir, "state", f"{name}.pt")
     step, wall = 0, 0.0
-    if params and os.path.exists(ckpt):  # continue from the last eval point
+    if params and os.path.exists(ckpt):  # continue from the last saved step (batches and dropout are seeded by step)
         state = torch.load(ckpt, map_location=model.device, weights_only=True)
         with torch.no_grad():
             for p, saved in zip(params, state["params"]):
@@ -321,10 +322,11 @@ def run_variant(name, cfg, load, results, out_dir):
             wall += time.time() - t0
             bar.set_postfix(loss=f"{loss / n_tok:.4g}")
             bar.update(1)
-            if step % cfg["eval_every"] == 0 or step == steps:
+            at_eval = step % cfg["eval_every"] == 0 or step == steps
+            if at_eval or step % cfg["save_every"] == 0:
                 save_state(ckpt, step, wall, params, optimizer)
-                if step < steps:
-                    record(step)
+            if at_eval and step < steps:
+                record(step)
     extra = {}
     if cfg["pass_limit"] > 0:
         mode = "memgen" if isinstance(policy, memgen.MemGen) else "lora" if params else "vanilla"
@@ -512,11 +514,11 @@ def main(argv=None):
     with errors.one_line_errors(_PROG):
         cfg, _ = settings.parse(sys.argv[1:] if argv is None else list(argv), globals(), _PROG)
         if cfg["quick"]:
-            cfg.update(steps=min(cfg["steps"], 4), eval_every=2, val_size=4, ood_size=4, batch_size=2,
+            cfg.update(steps=min(cfg["steps"], 4), eval_every=2, save_every=1, val_size=4, ood_size=4, batch_size=2,
                        micro_batch=2, max_len=256, max_new_tokens=8, pass_limit=min(cfg["pass_limit"], 2),
                        name=cfg["name"] if cfg["name"] != "default" else "quick")
-        settings.at_least(cfg, 1, "steps", "batch_size", "micro_batch", "eval_every", "val_size", "max_len",
-                          "max_new_tokens", "memory_top_k", "memory_budget")
+        settings.at_least(cfg, 1, "steps", "batch_size", "micro_batch", "eval_every", "save_every", "val_size",
+                          "max_len", "max_new_tokens", "memory_top_k", "memory_budget")
         settings.at_least(cfg, 0, "ood_size", "pass_limit", "grad_clip", "memory_limit")
         settings.above(cfg, 0, "lr")
         settings.in_range(cfg, "warmup", 0, 1, " (a fraction of the steps)")

@@ -65,6 +65,32 @@ def test_a_killed_grid_resumes_where_it_stopped(tmp_path, capsys, monkeypatch):
         assert a["in_nll"] == pytest.approx(b["in_nll"], abs=1e-5) and a["ood_nll"] == pytest.approx(b["ood_nll"], abs=1e-5)
 
 
+def test_a_run_killed_between_eval_points_resumes_from_its_last_saved_step(tmp_path, capsys, monkeypatch):
+    args = ["--quick=true", "--progress=false", "--plots=false", "--only=memgen"]
+    whole = str(tmp_path / "whole")
+    ablate.main(args + [f"--out_dir={whole}"])
+    out = str(tmp_path / "killed")
+    save, saved = ablate.save_state, []
+
+    def save_then_die(path, step, *rest):  # the quick grid measures at steps 0, 2, 4 and saves every step
+        save(path, step, *rest)
+        saved.append(step)
+        if step == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ablate, "save_state", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        ablate.main(args + [f"--out_dir={out}"])
+    assert saved == [1, 2, 3]
+    saved.clear()
+    ablate.main(args + [f"--out_dir={out}"])
+    assert saved == [4]  # steps 1-3 were not trained again
+    got, want = lines(out), lines(whole)
+    assert [(r["variant"], r["step"]) for r in got] == [(r["variant"], r["step"]) for r in want]
+    for a, b in zip(got, want):  # resumed mid-way between eval points: the same numbers
+        assert a["in_nll"] == pytest.approx(b["in_nll"], abs=1e-5) and a["ood_nll"] == pytest.approx(b["ood_nll"], abs=1e-5)
+
+
 def test_bad_settings_get_one_line(capsys):
     with pytest.raises(SystemExit):
         ablate.main(["--quick=true", "--only=memgen-k3"])
