@@ -20,7 +20,7 @@ MemoryBank (memory.py) built once per grid from DATA's training split (gold solu
 memgen-fused gives their text to the weaver only, in front of the prompt (memgen.weaver_context), memorybank puts it
 in the reasoner's prompt as eval.py --mode=memorybank does. A problem never retrieves itself.
 out/ablate-<name>/results.jsonl gets one line per variant and eval point as they finish (a killed grid resumes:
-finished variants are skipped, a variant in progress continues from its last eval point), results.md the table,
+finished variants are skipped, a variant in progress continues from its last saved step), results.md the table,
 nll_vs_step.png / in_vs_ood.png the plots (matplotlib, a dev-only dependency), and adapters/<variant>/ each trained
 variant's adapters (for eval.py and show.py --adapter). With --seeds each seed's grid goes to seed-S/ and
 seeds.md / seeds.json / seeds_in_vs_ood.png give each variant's mean, spread and per-seed values, and the paired
@@ -60,7 +60,7 @@ MICRO_BATCH = 4  # rows per forward/backward
 LR = 1e-4  # peak learning rate (higher than the paper's 1e-5 so a few hundred CPU steps show a signal)
 WARMUP = 0.1  # fraction of the steps with a linear warm-up, then cosine decay to 0
 GRAD_CLIP = 1.0  # global gradient-norm clip (0 = none)
-EVAL_EVERY = 50  # measure every this many steps (and at steps 0 and STEPS); each eval point is a resume point
+EVAL_EVERY = 50  # measure every this many steps (and at steps 0 and STEPS)
 SAVE_EVERY = 10  # also keep the training state every this many steps: a killed run loses at most these
 VAL_SIZE = 32  # held-out problems for in_nll
 OOD_SIZE = 32  # out-of-domain problems for ood_nll
