@@ -39,6 +39,11 @@ def test_quick_grid_runs_every_variant_and_writes_table_and_plots(tmp_path):
     assert all(os.path.getsize(p) > 5000 for p in res["plots"])
 
 
+def same_numbers(got, want):
+    for a, b in zip(got, want):
+        assert a["in_nll"] == pytest.approx(b["in_nll"], abs=1e-5) and a["ood_nll"] == pytest.approx(b["ood_nll"], abs=1e-5)
+
+
 def test_a_killed_grid_resumes_where_it_stopped(tmp_path, capsys, monkeypatch):
     args = ["--quick=true", "--progress=false", "--plots=false", "--only=vanilla,memgen"]
     whole = str(tmp_path / "whole")
@@ -61,8 +66,7 @@ def test_a_killed_grid_resumes_where_it_stopped(tmp_path, capsys, monkeypatch):
     assert "vanilla: finished earlier, skipped" in err and "memgen step 0" not in err and "memgen step 2" not in err
     got, want = lines(out), lines(whole)
     assert [(r["variant"], r["step"]) for r in got] == [(r["variant"], r["step"]) for r in want]
-    for a, b in zip(got, want):  # the same training, resumed: the same numbers
-        assert a["in_nll"] == pytest.approx(b["in_nll"], abs=1e-5) and a["ood_nll"] == pytest.approx(b["ood_nll"], abs=1e-5)
+    same_numbers(got, want)  # the same training, resumed
 
 
 def test_a_run_killed_between_eval_points_resumes_from_its_last_saved_step(tmp_path, capsys, monkeypatch):
@@ -87,8 +91,7 @@ def test_a_run_killed_between_eval_points_resumes_from_its_last_saved_step(tmp_p
     assert saved == [4]  # steps 1-3 were not trained again
     got, want = lines(out), lines(whole)
     assert [(r["variant"], r["step"]) for r in got] == [(r["variant"], r["step"]) for r in want]
-    for a, b in zip(got, want):  # resumed mid-way between eval points: the same numbers
-        assert a["in_nll"] == pytest.approx(b["in_nll"], abs=1e-5) and a["ood_nll"] == pytest.approx(b["ood_nll"], abs=1e-5)
+    same_numbers(got, want)  # resumed mid-way between eval points
 
 
 def test_bad_settings_get_one_line(capsys):
