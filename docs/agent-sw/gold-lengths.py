@@ -18,13 +18,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 
 import agent  # noqa: E402
+import files  # noqa: E402
 import tokenizer  # noqa: E402
 from data import scienceworld  # noqa: E402
 
 
 def quantiles(values):
     v = sorted(values)
-    return {f"p{int(p * 100)}": v[min(len(v) - 1, int(len(v) * p))] for p in (0.1, 0.25, 0.5, 0.75, 0.9)} | {"max": v[-1]}
+    out = {f"p{int(p * 100)}": v[min(len(v) - 1, int(len(v) * p))] for p in (0.1, 0.25, 0.5, 0.75, 0.9)}
+    return out | {"max": v[-1]}
 
 
 def main():
@@ -41,10 +43,7 @@ def main():
     for m in (1024, 2048, 4096):
         kept = sum(sum(s < m - 1 for s in e["turn_starts"]) for e in examples)
         out["max_len"][m] = {"whole": sum(n <= m for n in lengths), "turns_kept": round(kept / sum(turns), 3)}
-    path = os.path.join(HERE, "gold-lengths.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(out, f, indent=1)
-    os.replace(path + ".tmp", path)
+    files.write_json(os.path.join(HERE, "gold-lengths.json"), out)
     print(json.dumps(out))
 
 
