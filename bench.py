@@ -11,6 +11,8 @@ Figures (each printed as a table row and as one JSON line; the last line holds t
                                                                    -> ours_vs_transformers, ours_vs_transformers_static
      on a GPU also the batch-1 ceiling set by memory bandwidth (weight bytes / a copy bandwidth measured here)
                                                                                              -> bandwidth_fraction_b1
+     on a CPU also the same decode with every linear layer on plain F.linear (model.linear's few-rows route off)
+                                                                                             -> few_rows_route_speedup
   2. MemGen decode (K=8, N=3, mode always): ours cached vs an official-style decode that drops the reasoner's
      cache and re-runs the weaver over the whole prefix at every insertion; and ours vs our vanilla decode
                                                                                -> memgen_vs_naive, memgen_vs_vanilla
@@ -249,6 +251,14 @@ def decode_figures(setup, rows, ratios):
                 suffix = "" if cache == "dynamic" else "_static"
                 report(rows, f"transformers{suffix}_tok_s_b{bs}", theirs, "tok/s")
                 ratios[f"ours_vs_transformers{suffix}_b{bs}"] = ours / theirs
+    if not cuda:  # model.linear's few-rows route against plain F.linear everywhere, same batch, same run
+        few, model_lib.FEW_ROWS = model_lib.FEW_ROWS, 0
+        try:
+            plain = len(prompts) * new_tokens / best_of(2, run)[0]
+        finally:
+            model_lib.FEW_ROWS = few
+        report(rows, f"vanilla_tok_s_b{len(prompts)}_f_linear", plain, "tok/s")
+        ratios["few_rows_route_speedup"] = ours / plain
     return ours
 
 

@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from model import linear
+
 TARGETS = ("q_proj", "v_proj")  # the paper's (and the official code's) LoRA targets
 RANK = 16
 ALPHA = 32
@@ -54,7 +56,7 @@ class LoRALinear(nn.Module):
         self.scale[name], self.dropout[name] = alpha / r, dropout
 
     def forward(self, x):
-        y = F.linear(x, self.weight, self.bias)
+        y = linear(x, self.weight, self.bias)  # the base product, in model.py's CPU-friendly layout
         name = self.switch.active
         if name is None or name not in self.lora_A:
             return y

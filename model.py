@@ -310,6 +310,28 @@ class KVCache:
 # ----------------------------------------------------------------------------------------------------------------
 # 3. Transformer
 
+FEW_ROWS = 128  # a CPU linear layer fed at most this many rows (a decode step) takes the W x^T route (linear)
+
+
+def linear(x, weight, bias=None):
+    """F.linear(x, weight, bias), faster for a few rows on a CPU. There, MKL multiplies a few rows of x by the
+    transposed weight 2-5x slower than it computes the same product as weight @ x^T (measured on the 2-core AMD
+    machine of docs/performance.md; bench.py's "linear" rows compare the two in one run). A decode step is nothing
+    but such products, so this halves its time there; many rows (prefill, training) and GPUs keep F.linear. The
+    values agree up to float rounding."""
+    rows = x.numel() // x.shape[-1]
+    if x.device.type != "cpu" or rows > FEW_ROWS:
+        return F.linear(x, weight, bias)
+    y = (weight @ x.reshape(rows, -1).t()).t().contiguous().view(*x.shape[:-1], weight.shape[0])
+    return y if bias is None else y + bias
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, same checkpoint keys) whose product is linear()'s."""
+
+    def forward(self, x):
+        return linear(x, self.weight, self.bias)
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
@@ -348,10 +370,10 @@ class Attention(nn.Module):
         super().__init__()
         self.use_rope = use_rope
         self.nh, self.nkv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, self.nh * self.hd, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(self.nh * self.hd, cfg.hidden_size, bias=False)
+        self.q_proj = Linear(cfg.hidden_size, self.nh * self.hd, bias=cfg.qkv_bias)
+        self.k_proj = Linear(cfg.hidden_size, self.nkv * self.hd, bias=cfg.qkv_bias)
+        self.v_proj = Linear(cfg.hidden_size, self.nkv * self.hd, bias=cfg.qkv_bias)
+        self.o_proj = Linear(self.nh * self.hd, cfg.hidden_size, bias=False)
 
     def forward(self, x, cos, sin, mask, cache, layer):
         B, T, _ = x.shape
@@ -373,9 +395,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -404,7 +426,7 @@ class Transformer(nn.Module):
                                           for i in range(cfg.num_layers))
         self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
         # tied models reuse the embedding matrix as the output head, so their checkpoints hold no lm_head.weight
-        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.init_rope()
 
     def init_rope(self, device=None):
@@ -427,7 +449,7 @@ class Transformer(nn.Module):
     def head(self, h):
         """Final hidden states -> vocabulary logits."""
         w = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(h, w)
+        return linear(h, w)
 
     def forward(self, input_ids=None, inputs_embeds=None, positions=None, cache=None, mask=None, logits="all",
                 rows=None, segments=None):

@@ -13,7 +13,7 @@ def test_quick_bench_prints_the_ratios_and_its_reference_decodes_our_tokens(caps
     out = capsys.readouterr().out.strip().splitlines()
     last = json.loads(out[-1])
     assert set(last) == {"memgen_vs_vanilla", "memgen_vs_naive", "train_vs_naive", "sft_vs_lora", "memory_ratio",
-                         "grpo_vs_sft", "trigger_vs_sft"}
+                         "grpo_vs_sft", "trigger_vs_sft", "few_rows_route_speedup"}
     assert ratios["memory_ratio"] > 1  # MemGen's parts add parameter bytes to the base model's
     figures = {r["figure"]: r for r in map(json.loads, (x for x in out if x.startswith('{"figure"')))}
     assert figures["official_style_memgen_tok_s"]["same_tokens"] is True
@@ -21,6 +21,9 @@ def test_quick_bench_prints_the_ratios_and_its_reference_decodes_our_tokens(caps
     # memgen_vs_vanilla divides the two figures printed (not another timing of either)
     memgen_vs_vanilla = figures["memgen_tok_s"]["value"] / figures[f"vanilla_tok_s_b{8}"]["value"]
     assert abs(ratios["memgen_vs_vanilla"] - memgen_vs_vanilla) <= 1e-3 * memgen_vs_vanilla
+    # on a CPU, the same decode with model.linear's few-rows route off is timed beside it, and the route restored
+    route = figures["vanilla_tok_s_b8"]["value"] / figures["vanilla_tok_s_b8_f_linear"]["value"]
+    assert abs(ratios["few_rows_route_speedup"] - route) <= 1e-3 * route and bench.model_lib.FEW_ROWS > 0
     # the two SFT steps compute the same loss (the reference the tests hold the forward to)
     assert abs(figures["sft_step_s"]["loss"] - figures["naive_step_s"]["loss"]) < 1e-4
     # GRPO and trigger steps are timed in two parts; the trigger's rollouts asked it at every boundary

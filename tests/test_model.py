@@ -75,6 +75,22 @@ def test_cached_equals_uncached(tiny, family, tied, prealloc):
     assert max_diff(torch.cat(got, 1)[mask], full[mask]) <= 1e-4
 
 
+@pytest.mark.parametrize("shape", [(7,), (3, 7), (2, 5, 7), (1, 200, 7)])  # 1, 3, 10 rows (W x^T route); 200 rows
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_equals_f_linear(monkeypatch, shape, bias):
+    """model.linear is F.linear in value; at most FEW_ROWS rows on a CPU it takes the W x^T route, never F.linear."""
+    import model as model_lib
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(*shape, generator=g), torch.randn(11, 7, generator=g)
+    b = torch.randn(11, generator=g) if bias else None
+    want = torch.nn.functional.linear(x, w, b)
+    plain, f_linear = [], model_lib.F.linear
+    monkeypatch.setattr(model_lib.F, "linear", lambda *a: plain.append(1) or f_linear(*a))
+    got = model_lib.linear(x, w, b)
+    assert got.shape == want.shape and max_diff(got, want) <= 1e-5
+    assert bool(plain) == (x.numel() // 7 > model_lib.FEW_ROWS)
+
+
 def test_rows_with_different_valid_slots(tiny):
     """Invalid slots in the middle of one row (as when another row inserts latents) change nothing for it."""
     path, _ = tiny("qwen2")
