@@ -9,6 +9,7 @@ Read top to bottom:
                        real positions (padding, or latents inserted in some rows only); its docstring is the one
                        description of the begin / update / end / rollback contract
   3. Transformer     - RMSNorm, rotary embeddings, GQA attention, SwiGLU MLP; module names mirror the HF checkpoint
+                       (linear layers fed a few rows take a faster route on a CPU: `linear`)
   4. load_model      - a local folder only: meta-device construction + safetensors with assign=True (never two copies
                        in memory); scripts turn hub ids into folders first (data/download.py:resolve_model)
   5. generate        - prefill once, then one token per step from the cache
@@ -310,15 +311,15 @@ class KVCache:
 # ----------------------------------------------------------------------------------------------------------------
 # 3. Transformer
 
-FEW_ROWS = 128  # a CPU linear layer fed at most this many rows (a decode step) takes the W x^T route (linear)
+FEW_ROWS = 64  # a CPU linear layer fed at most this many rows (a decode step) takes the W x^T route (linear)
 
 
 def linear(x, weight, bias=None):
     """F.linear(x, weight, bias), faster for a few rows on a CPU. There, MKL multiplies a few rows of x by the
-    transposed weight 2-5x slower than it computes the same product as weight @ x^T (measured on the 2-core AMD
-    machine of docs/performance.md; bench.py's "linear" rows compare the two in one run). A decode step is nothing
-    but such products, so this halves its time there; many rows (prefill, training) and GPUs keep F.linear. The
-    values agree up to float rounding."""
+    transposed weight up to 4x slower than it computes the same product as weight @ x^T; from about 64 rows on the
+    two are alike (docs/bench/few_rows.py, on the AMD machine of docs/performance.md). A decode step is nothing but
+    such products, so this makes it 1.7-3x faster there; prefill, training and GPUs keep F.linear. The values agree
+    up to float rounding."""
     rows = x.numel() // x.shape[-1]
     if x.device.type != "cpu" or rows > FEW_ROWS:
         return F.linear(x, weight, bias)
