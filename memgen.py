@@ -317,7 +317,8 @@ def feed(mg, st, steps, tok, ins, t):
     """(c) FEED: one reasoner step. Every unfinished row reads its token `tok` (None: no token), and the rows in `ins`
     (None: no row) read their K pending latents right after it, at the next position ids. next_logits: after each
     row's last slot, so a latent is never sampled. With graphs one call covers every row; without, the rows that
-    insert and the others run as two calls, each on just its rows (a CPU pays for every slot it computes)."""
+    insert and the others run as two calls, each on just its rows, finished rows left out (a CPU pays for every slot
+    it computes)."""
     model, k, cache, B = mg.model, mg.k, steps.cache, len(st.done)
     x, real = st.pending[:, :0], torch.zeros(B, 0, dtype=torch.bool, device=st.done.device)
     if tok is not None:
@@ -328,15 +329,20 @@ def feed(mg, st, steps, tok, ins, t):
     def call(x, real, rows=None):
         return model(inputs_embeds=x, mask=real, cache=cache, rows=rows, logits="last")[0][:, -1, :mg.vocab].float()
 
-    if steps.static or ins is None:  # rows that read nothing (finished, or sitting out a latent-only call) keep theirs
+    if steps.static:  # rows that read nothing (finished, or sitting out a latent-only call) keep theirs
         st.next_logits = torch.where(real.any(1)[:, None], steps(f"feed{x.shape[1]}", call, x=x, real=real),
                                      st.next_logits)
-    else:
-        rows = ins.nonzero().squeeze(1)
-        st.next_logits[rows] = call(x[rows], real[rows], rows)
-        rest = (~ins & ~st.done).nonzero().squeeze(1) if tok is not None else rows[:0]
-        if len(rest):
-            st.next_logits[rest] = call(x[rest, :1], real[rest, :1], rest)
+    else:  # finished rows are left out (their logits are never read again)
+        rest = ~st.done if tok is not None else torch.zeros_like(st.done)  # rows that read just their token
+        if ins is not None:
+            rows = ins.nonzero().squeeze(1)
+            st.next_logits[rows] = call(x[rows], real[rows], rows)
+            rest &= ~ins
+        if bool(rest.all()):  # every row: no gather of cache rows
+            st.next_logits = call(x[:, :1], real[:, :1])
+        elif bool(rest.any()):
+            rows = rest.nonzero().squeeze(1)
+            st.next_logits[rows] = call(x[rows, :1], real[rows, :1], rows)
     if ins is not None:
         st.inserted[:, t] |= ins
         if t > 0:

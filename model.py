@@ -650,9 +650,14 @@ def generate(model, tokenizer, prompts, max_new_tokens=256, temperature=0.0, top
         done = done | torch.isin(tok, eos)
         if t == max_new_tokens - 1 or steps.stop_check(t) and bool(done.all()):
             break
-        # finished rows feed an invalid slot: they keep their place in the batch but cost nothing that matters
-        logits = steps("token", lambda tok, real: model(tok, cache=cache, mask=real, logits="last")[0],
-                       tok=tok[:, None], real=~done[:, None])
+        if steps.static:  # finished rows feed an invalid slot: a fixed shape, and they cost nothing that matters
+            logits = steps("token", lambda tok, real: model(tok, cache=cache, mask=real, logits="last")[0],
+                           tok=tok[:, None], real=~done[:, None])
+        elif not bool(done.any()):
+            logits = model(tok[:, None], cache=cache, logits="last")[0]
+        else:  # a CPU pays for every row it computes: just the unfinished rows (finished rows' logits go unread)
+            live = (~done).nonzero().squeeze(1)
+            logits[live] = model(tok[live, None], cache=cache, rows=live, logits="last")[0]
     return finish(out, tokenizer, keep_eos)
 
 

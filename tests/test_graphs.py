@@ -83,6 +83,25 @@ def test_stop_check_every_few_steps_gives_the_same_output(tiny):
     assert plain == fixed and min(len(s) for s in plain[0]) < 30
 
 
+def test_memgen_rows_that_finish_first_are_left_out_with_the_same_output(tiny):
+    """The plain loop leaves finished rows out of later calls; the fixed-shape loop keeps every row in every call.
+    Both give the same tokens and insertions when rows end (EOS) at different steps."""
+    mg, tok = make(tiny, n=4)
+    prompts = [tok.chat([{"role": "user", "content": q}]) for q in PROMPTS]
+    kw = dict(max_new_tokens=40, temperature=1.0, seed=5)
+    first = memgen.generate(mg, tok, prompts, graphs=False, **kw)[0]["ids"]
+    tok.eos_ids = [first[6]]  # a token the model emits early: rows stop at different steps
+    try:
+        plain = memgen.generate(mg, tok, prompts, graphs=False, **kw)
+        fixed = memgen.generate(mg, tok, prompts, graphs=True, **kw)
+    finally:
+        tok.eos_ids = load_tokenizer(tiny("qwen2", False)[0]).eos_ids
+    lengths = sorted(len(r["ids"]) for r in plain)
+    assert lengths[0] <= 7 and lengths[-1] > lengths[0] + 5  # some rows went on after others had finished
+    for a, b in zip(plain, fixed):
+        assert a["ids"] == b["ids"] and a["insertions"] == b["insertions"]
+
+
 @pytest.mark.parametrize("mode,boundary", [("always", "official"), ("always", "sentence"), ("learned", "official"),
                                            ("random", "sentence")])
 def test_memgen_generate_same_tokens_and_insertions_with_graphs(tiny, mode, boundary):

@@ -1,0 +1,33 @@
+# A/B of leaving finished rows out of the CPU decode loops: vanilla and MemGen (mode always) greedy decoding of the
+# first 8 GSM8K test prompts, 64 new tokens, with every token whose text ends in "." made an EOS, so that rows end
+# at their first full stop, at different steps; float32, a warm-up run, then one timed run. Run for two checkouts,
+# the model folder second:
+#   python docs/bench/finished_rows.py CHECKOUT MODEL_FOLDER   (MEMGEN_GSM8K_URL pointing at the GSM8K files offline)
+import json, os, sys, time
+sys.path.insert(0, sys.argv[1])
+import torch
+import data, memgen
+from model import load_model, generate
+from tokenizer import load_tokenizer
+m, tok = load_model(sys.argv[2], dtype="float32"), load_tokenizer(sys.argv[2])
+tok.eos_ids = sorted(set(tok.eos_ids) | {i for i in range(tok.vocab_size) if tok.decode([i]).endswith(".")})
+task = data.get_task("gsm8k")
+prompts = [tok.chat(task.messages(r)) for r in task.load("test")[:8]]
+torch.manual_seed(0)
+mg = memgen.MemGen(m, tok).eval()
+
+
+def best(fn):
+    out = fn()
+    times = []
+    for _ in range(1):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times), out
+
+
+v, (seqs, _) = best(lambda: generate(m, tok, prompts, max_new_tokens=64))
+g, res = best(lambda: memgen.generate(mg, tok, prompts, max_new_tokens=64, mode="always"))
+print(json.dumps(dict(checkout=os.path.basename(sys.argv[1].rstrip("/")), vanilla_s=round(v, 2), memgen_s=round(g, 2),
+                      vanilla_lengths=[len(s) for s in seqs], memgen_lengths=[len(r["ids"]) for r in res])), flush=True)
