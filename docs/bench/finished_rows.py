@@ -3,6 +3,7 @@
 # at their first full stop, at different steps; float32, a warm-up run, then one timed run. Run for two checkouts,
 # the model folder second:
 #   python docs/bench/finished_rows.py CHECKOUT MODEL_FOLDER   (MEMGEN_GSM8K_URL pointing at the GSM8K files offline)
+# With a third argument N: vanilla only, the model's own EOS, N new tokens (rows end where the model ends them).
 import json, os, sys, time
 sys.path.insert(0, sys.argv[1])
 import torch
@@ -10,7 +11,10 @@ import data, memgen
 from model import load_model, generate
 from tokenizer import load_tokenizer
 m, tok = load_model(sys.argv[2], dtype="float32"), load_tokenizer(sys.argv[2])
-tok.eos_ids = sorted(set(tok.eos_ids) | {i for i in range(tok.vocab_size) if tok.decode([i]).endswith(".")})
+own_eos = len(sys.argv) > 3
+new_tokens = int(sys.argv[3]) if own_eos else 64
+if not own_eos:
+    tok.eos_ids = sorted(set(tok.eos_ids) | {i for i in range(tok.vocab_size) if tok.decode([i]).endswith(".")})
 task = data.get_task("gsm8k")
 prompts = [tok.chat(task.messages(r)) for r in task.load("test")[:8]]
 torch.manual_seed(0)
@@ -27,7 +31,10 @@ def best(fn):
     return min(times), out
 
 
-v, (seqs, _) = best(lambda: generate(m, tok, prompts, max_new_tokens=64))
-g, res = best(lambda: memgen.generate(mg, tok, prompts, max_new_tokens=64, mode="always"))
-print(json.dumps(dict(checkout=os.path.basename(sys.argv[1].rstrip("/")), vanilla_s=round(v, 2), memgen_s=round(g, 2),
-                      vanilla_lengths=[len(s) for s in seqs], memgen_lengths=[len(r["ids"]) for r in res])), flush=True)
+v, (seqs, _) = best(lambda: generate(m, tok, prompts, max_new_tokens=new_tokens))
+out = dict(checkout=os.path.basename(sys.argv[1].rstrip("/")), new_tokens=new_tokens, vanilla_s=round(v, 2),
+           vanilla_lengths=[len(s) for s in seqs])
+if not own_eos:
+    g, res = best(lambda: memgen.generate(mg, tok, prompts, max_new_tokens=new_tokens, mode="always"))
+    out.update(memgen_s=round(g, 2), memgen_lengths=[len(r["ids"]) for r in res])
+print(json.dumps(out), flush=True)
