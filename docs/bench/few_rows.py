@@ -3,7 +3,7 @@
 # weights, a 200-token prompt in the cache) with the few-rows route on (FEW_ROWS as shipped) and off (FEW_ROWS = 0).
 # Best of 5 (matrices) or of 3 (steps); one JSON line per figure. Run with every other job paused:
 #   python docs/bench/few_rows.py > docs/bench/few-rows.jsonl
-import json, os, sys, time
+import json, os, sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 import torch
 import torch.nn.functional as F
@@ -11,14 +11,9 @@ import bench
 import model as model_lib
 
 
-def best(fn, n):
+def best(fn, n):  # ms of the fastest of n runs, after a warm-up run
     fn()
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times) * 1000
+    return bench.best_of(n, fn)[0] * 1000
 
 
 torch.manual_seed(0)
