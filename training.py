@@ -97,6 +97,7 @@ def start(prog, argv, script_globals, check, prefix):
             raise TrainError(f"--resume: cannot read {run_dir}/config.json ({e})") from None
         now, cfg = cfg, settings.defaults(script_globals)
         cfg.update({k: v for k, v in saved.items() if k in cfg})
+        cfg["stop_step"] = 0  # a chunk's stop belongs to that invocation: resuming trains on to the end unless given
         cfg.update({k: now[k] for k in given})
         cfg["out_dir"], cfg["resume"] = run_dir, resume
     check_common(cfg)
@@ -257,6 +258,9 @@ def fit(run, step_fn, validate, save, load):
     total, stop = plan(cfg, len(run.train_set))
     optimizer = torch.optim.AdamW(run.params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     step = restore(run, load, optimizer) if run.resume else 0
+    if step >= stop and step < total:
+        raise TrainError(f"--stop_step={stop}: the run is already at step {step} of {total}; give a later --stop_step, "
+                         "or none to train to the end")
     if run.main:
         os.makedirs(run.out_dir, exist_ok=True)
         write_json(os.path.join(run.out_dir, "config.json"), cfg)
@@ -429,9 +433,9 @@ def checkpoints(out_dir):
 
 def find_resume(path):
     """--resume PATH -> (run folder, checkpoint folder): a run folder resumes from its latest checkpoint."""
-    path = os.path.abspath(path)
+    path = os.path.normpath(path)  # relative stays relative: config.json and messages hold the path as given
     if os.path.isfile(os.path.join(path, "state.pt")):
-        return os.path.dirname(path), path
+        return os.path.dirname(path) or ".", path
     found = checkpoints(path)
     if not found:
         raise TrainError(f"--resume={path}: no checkpoint there (expected step-NNNNNNN/state.pt folders written by "

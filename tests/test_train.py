@@ -451,6 +451,24 @@ def test_a_damaged_checkpoint_names_the_file_and_the_previous_good_one(folder, t
     assert res["step"] == 2
 
 
+def test_a_chunk_then_resume_trains_to_the_end_with_relative_paths(folder, task, tmp_path, monkeypatch, capsys):
+    """--stop_step ends one invocation: a plain --resume goes on to the last step and writes final/ (it once
+    inherited the stop and exited 0 having done nothing), a stop already passed is one line, and the run folder
+    given relative stays relative in config.json (committed configs hold no machine paths)."""
+    monkeypatch.chdir(tmp_path)
+    common = ["--model", folder, "--data", task, "--method=sft-lora", "--max_steps=3", "--limit=4", *QUIET,
+              "--save_interval=1"]
+    tw.main(common + ["--out_dir", "run", "--stop_step=1"])
+    assert not os.path.exists("run/final")
+    line = fails(tw.main, ["--resume", "run", "--stop_step=1"], capsys)
+    assert line.startswith("train_weaver.py: error: --stop_step=1: the run is already at step 1 of 3")
+    res = tw.main(["--resume", "run"])
+    assert res["step"] == 3 and os.path.isfile("run/final/sft.safetensors")
+    with open("run/config.json") as f:
+        saved = json.load(f)
+    assert saved["out_dir"] == "run" and saved["stop_step"] == 0
+
+
 @pytest.fixture(scope="module")
 def k4_weaver(folder, tmp_path_factory):
     """A saved MemGen weaver with K=4 latents, made on the test model."""
