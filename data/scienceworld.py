@@ -79,7 +79,16 @@ class Env:
         return observation, score, bool(server.getCompleted())
 
     def close(self):
-        self.env.close()
+        """Stop the simulator and wait for its Java process to exit: the package's own __del__ closes once more and,
+        finding the process still alive, writes to its closed stdin (a BrokenPipeError traceback on stderr)."""
+        env, self.env = self.env, None
+        if env is None:
+            return
+        env.close()
+        try:
+            env._gateway.java_process.wait(timeout=30)
+        except Exception:  # noqa: BLE001 - a process that will not exit is left to the OS; nothing to report
+            pass
 
 
 def make_env():

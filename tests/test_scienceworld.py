@@ -59,6 +59,18 @@ def test_one_episode_of_a_tiny_random_model(env, tmp_path):
     assert sum(ep["agent"]) == sum(t["tokens"] for t in ep["turns"]) <= 3 * 8
 
 
+def test_close_waits_for_the_java_process():
+    """The package's __del__ closes again; while Java is still exiting that write hits a closed pipe and prints a
+    BrokenPipeError traceback mid-run (seen in an eval), so close() returns only once the process has exited."""
+    from data import scienceworld
+
+    e = scienceworld.make_env()
+    java = e.env._gateway.java_process
+    e.close()
+    assert java.poll() is not None
+    e.close()  # twice is harmless
+
+
 def test_rows_go_round_robin_over_the_named_task_types(tmp_path, monkeypatch):
     import json
 
