@@ -1,7 +1,8 @@
 """
 passk.py: pass@k against k for eval.py runs that sampled several completions per problem - one table, one plot.
 Greedy runs (one completion per problem) get pass@1 and, against the first run, the paired counts of problems lost
-and gained with an exact McNemar p.
+and gained with an exact McNemar p. MemGen runs also get how often they inserted memory and, with a learned
+trigger, its mean p(insert) at the prompt end and at the boundaries inside completions.
 
     python eval.py --model=M --limit=50 --samples=16 --temperature=1.0 --out_dir=out/passk/vanilla
     python eval.py --model=M --mode=lora --adapter=A --limit=50 --samples=16 --temperature=1.0 --out_dir=out/passk/lora
@@ -79,12 +80,17 @@ def curves(runs):
             raise evaluation.EvalError(f"{label}: run.json says {samples!r} completions per problem; give the "
                                        "--out_dir of a finished eval.py run")
         recs = [rows[i] for i in ids]
-        evaluation.summarize(recs, samples)  # checks every row holds `samples` completions
+        summary = evaluation.summarize(recs, samples)  # (also checks every row holds `samples` completions)
         per = [[0.0] * samples if "skipped" in r else
                [evaluation.pass_at_k(samples, sum(r["correct"]), k) for k in range(1, samples + 1)] for r in recs]
         out[label] = {"run": run, "n": len(recs), "samples": samples, "pass@k": evaluation.pass_curve(recs, samples),
-                      "per_problem": per}
+                      "per_problem": per, "memory": {k: summary[k] for k in MEMORY_KEYS if k in summary}}
     return out
+
+
+# MemGen runs: how often memory was inserted, and a learned trigger's p(insert) (evaluation.summarize's names)
+MEMORY_KEYS = ("mean_insertions", "mean_inference_insertions", "prompt_insertion_rate", "mean_p_insert_prompt",
+               "mean_p_insert_boundary")
 
 
 def paired_bootstrap(a, b, resamples, seed):
@@ -110,8 +116,22 @@ def report(res, resamples, seed):
         r, run = res[label], res[label]["run"]
         lines.append(f"| {label} | {run.get('data')} | {run.get('mode')} | {run.get('temperature')} | "
                      f"{run.get('top_p')} | {r['n']} | " + " | ".join(f"{100 * x:.1f}" for x in r["pass@k"]) + " |")
-    body = {"k": ks, "runs": {label: {key: res[label][key] for key in ("run", "n", "samples", "pass@k")}
+    body = {"k": ks, "runs": {label: {key: res[label][key] for key in ("run", "n", "samples", "pass@k", "memory")}
                               for label in labels}}
+    with_memory = [label for label in labels if res[label]["memory"]]
+    if with_memory:
+        def cell(x, fmt):
+            return "-" if x is None else format(x, fmt)
+
+        lines += ["", "Memory insertions per completion (the one at the prompt end counted apart) and the learned "
+                  "trigger's mean p(insert) where it was asked (- where the trigger was not learned):", "",
+                  "| run | insertions | inside the completion | at the prompt end | p(insert) at the prompt end | "
+                  "p(insert) at boundaries |", "|---|---|---|---|---|---|"]
+        for label in with_memory:
+            m = res[label]["memory"]
+            lines.append(f"| {label} | {m['mean_insertions']:.2f} | {m['mean_inference_insertions']:.2f} | "
+                         f"{m['prompt_insertion_rate']:.2f} | {cell(m.get('mean_p_insert_prompt'), '.3f')} | "
+                         f"{cell(m.get('mean_p_insert_boundary'), '.3f')} |")
     if resamples > 0 and len(labels) > 1:
         lines += ["", f"Minus {base}, in points, with a paired bootstrap 95 % interval over the {res[base]['n']} "
                   f"problems ({resamples} resamples):", "",
@@ -162,7 +182,8 @@ def main(argv=None):
         body["runs_given"] = cfg["runs"]
         if os.path.dirname(cfg["out"]):
             os.makedirs(os.path.dirname(cfg["out"]), exist_ok=True)
-        write_atomic(cfg["out"] + ".md", f"# pass@k against k\n\n`python passk.py --runs={cfg['runs']}`\n\n" + md)
+        title = "pass@k against k" if body["k"] != [1] else "pass@1, paired problem by problem"
+        write_atomic(cfg["out"] + ".md", f"# {title}\n\n`python passk.py --runs={cfg['runs']}`\n\n" + md)
         write_json(cfg["out"] + ".json", body)
         png = plot(res, cfg["out"] + ".png") if cfg["plots"] else None
         print(md, end="")

@@ -137,3 +137,29 @@ def test_greedy_runs_get_pass_at_1_and_a_paired_mcnemar_table(tmp_path, capsys):
     assert body["k"] == [1] and body["runs"]["always"]["pass@k"] == pytest.approx([3 / 6])
     assert body["runs"]["learned"]["mcnemar"] == {"lost": 2, "gained": 1, "p": 1.0}
     assert "| learned | 33.3 | 2 | 1 | 1 |" in (tmp_path / "o.md").read_text()
+
+
+def test_memgen_runs_get_their_insertions_and_the_trigger_p_insert(tmp_path):
+    """The insertion table: per completion, insertions (t = 0 is the prompt end), and the mean p(insert) of a learned
+    trigger where it was asked, split at the prompt end and inside; a run without a learned trigger shows "-"."""
+    rows = records([[True], [False]])
+    rows[0].update(insertions=[[0, 5, 9]], decisions=[[(0, 0.8, True), (5, 0.6, True), (9, 0.7, True)]])
+    rows[1].update(insertions=[[4]], decisions=[[(0, 0.2, False), (4, 0.9, True)]])
+    always = records([[True], [True]])
+    always[0].update(insertions=[[0, 3]])
+    always[1].update(insertions=[[0]])
+    for name, rs in (("a", always), ("l", rows)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "run.json").write_text(json.dumps(dict(data="gsm8k", mode="memgen", temperature=0.0,
+                                                                  top_p=1.0, samples=1)))
+        (tmp_path / name / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rs))
+    body = passk.main([f"--runs=always={tmp_path / 'a'},learned={tmp_path / 'l'}", f"--out={tmp_path / 'o'}",
+                       "--plots=false"])
+    m = body["runs"]["learned"]["memory"]
+    assert m["mean_insertions"] == 2.0 and m["mean_inference_insertions"] == 1.5
+    assert m["prompt_insertion_rate"] == 0.5
+    assert m["mean_p_insert_prompt"] == pytest.approx(0.5) and m["mean_p_insert_boundary"] == pytest.approx(2.2 / 3)
+    md = (tmp_path / "o.md").read_text()
+    assert md.startswith("# pass@1, paired problem by problem")
+    assert "| always | 1.50 | 0.50 | 1.00 | - | - |" in md
+    assert "| learned | 2.00 | 1.50 | 0.50 | 0.500 | 0.733 |" in md
