@@ -19,7 +19,9 @@ Figures (each printed as a table row and as one JSON line; the last line holds t
   3. training steps on the same 8 examples (max length 512): the weaver SFT step (our batched cached
      forward+backward) vs the per-example recompute reference (reference.naive_forward, which the tests prove our
      forward equal to) and vs a LoRA-SFT step on the reasoner (the paper's SFT baseline)  -> train_vs_naive, sft_vs_lora
-     and, split into rollout and update time, a MemGen-GRPO step and a trigger REINFORCE step
+     and, split into rollout and update time, a MemGen-GRPO step and a trigger REINFORCE step, whose rollouts are
+     also timed with every row reading its prompt itself (model.shared_prompts off)
+                                                          -> grpo_rollout_shared_prompt_speedup (and trigger_...)
   4. peak resident memory of reasoner + weaver + trigger relative to the base model alone           -> memory_ratio
 Decoding ignores EOS here so every run produces exactly MAX_NEW_TOKENS tokens per row. The transformers figures need
 requirements-dev.txt. Speed does not depend on the weights' values, so SHAPE measures a model of a real size with
@@ -58,7 +60,8 @@ BATCH_SIZE = 8  # rows of the batched decode figures
 MAX_NEW_TOKENS = 256  # tokens decoded per row (EOS ignored)
 SEED = 0  # seeds MemGen's random initialisation (and QUICK's random model and prompts)
 QUICK = False  # true: a random 4-layer model built in memory instead of MODEL, under a minute on 2 CPU cores
-ONLY = ""  # "" = every figure; "train" = the training figures only (3, a few minutes); "decode" = figures 1-2 only
+ONLY = ""  # "" = every figure; "train" = the training figures (3, a few minutes); "rl" = its GRPO / trigger steps;
+# "decode" = figures 1-2 only
 RL_PROMPTS = 2  # prompts of the GRPO and trigger steps (figure 3), each with RL_GROUP rollouts
 RL_GROUP = 4  # rollouts per prompt in the GRPO and trigger steps
 RL_NEW_TOKENS = 128  # longest rollout of the GRPO and trigger steps
@@ -196,7 +199,7 @@ def main(argv=None):
     with errors.one_line_errors(_PROG):
         cfg, _ = settings.parse(sys.argv[1:] if argv is None else list(argv), globals(), _PROG)
         settings.at_least(cfg, 1, "batch_size", "max_new_tokens", "rl_prompts", "rl_group", "rl_new_tokens")
-        settings.one_of(cfg, "only", ("", "train", "decode"))
+        settings.one_of(cfg, "only", ("", "train", "rl", "decode"))
         settings.one_of(cfg, "shape", ("",) + tuple(SHAPES))
         if sum(map(bool, (cfg["quick"], cfg["model"], cfg["shape"]))) != 1:
             raise settings.SettingsError("pass one of --model=PATH (a Hugging Face model folder or a hub id), "
@@ -210,13 +213,14 @@ def main(argv=None):
           f"({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params), batch {len(setup['prompts'])}, "
           f"{setup['new_tokens']} new tokens")
     rows, ratios = [], {}
-    if cfg["only"] != "train":
+    if cfg["only"] in ("", "decode"):
         vanilla = decode_figures(setup, rows, ratios)
         mg = memgen_figures(setup, vanilla, rows, ratios)
     else:
         mg = memgen.MemGen(model, setup["tok"]).eval()
-    if cfg["only"] != "decode":
+    if cfg["only"] in ("", "train"):
         sft_figures(mg, setup, rows, ratios, cfg["profile"])
+    if cfg["only"] != "decode":
         rl_figures(mg, setup, cfg, rows, ratios)
     if not cfg["only"]:
         memory_figures(mg, setup, rows, ratios)
@@ -302,6 +306,14 @@ def memgen_figures(setup, vanilla, rows, ratios):
     return mg
 
 
+def sft_adapter(model):
+    """The reasoner's "sft" LoRA adapter that lora_step trains, added once."""
+    if "sft" not in model.lora_meta:
+        lora.inject(model, ["sft"])
+    for p in lora.parameters(model, "sft").values():
+        p.requires_grad_(True)
+
+
 def lora_step(model, ids, mask, prompt_len):
     """One LoRA-SFT step on the same batch: the reasoner with an "sft" adapter, forward + backward."""
     params = list(lora.parameters(model, "sft").values())
@@ -320,10 +332,7 @@ def sft_figures(mg, setup, rows, ratios, profile=False):
     seqs, plen = setup["sft_examples"]
     ids, mask, prompt_len = memgen.right_pad([s[:p] for s, p in zip(seqs, plen)], [s[p:] for s, p in zip(seqs, plen)],
                                              setup["tok"].pad_id, model.device)
-    if "sft" not in model.lora_meta:
-        lora.inject(model, ["sft"])
-    for p in lora.parameters(model, "sft").values():
-        p.requires_grad_(True)
+    sft_adapter(model)
     mg.eval()  # dropout off so both paths compute the same function
     sft_step(mg, ids, mask, prompt_len, naive=False)  # warm-up at the measured shapes (the first call at a new
     lora_step(model, ids, mask, prompt_len)  # shape is up to 2x slower on CPU: the allocator grows its pools)
@@ -362,6 +371,7 @@ def rl_figures(mg, setup, cfg, rows, ratios):
     step for GRPO, the LoRA-SFT step for the trigger, whose adapter reads the same tokens): an update costs a
     forward and a backward over those tokens, as the SFT step does.           -> grpo_vs_sft, trigger_vs_sft"""
     model, tok, B, G = mg.model, setup["tok"], cfg["rl_prompts"], cfg["rl_group"]
+    sft_adapter(model)
     prompts = [p for p in setup["prompts"][:B] for _ in range(G)]
     adv = torch.randn(len(prompts), generator=torch.Generator().manual_seed(cfg["seed"])).to(model.device)
     for mode, name in (("always", "grpo"), ("learned", "trigger")):
@@ -369,6 +379,12 @@ def rl_figures(mg, setup, cfg, rows, ratios):
                                        seed=cfg["seed"], mode=mode, trigger_sample=True, graphs=cfg["graphs"])
         roll()  # at the measured shapes first, as every timed figure here
         dt_roll, outs = timed(roll)
+        shared, memgen.shared_prompts = memgen.shared_prompts, lambda keys, device: None  # each row its own prefill
+        try:
+            dt_each, _ = timed(roll)
+        finally:
+            memgen.shared_prompts = shared
+        ratios[f"{name}_rollout_shared_prompt_speedup"] = dt_each / dt_roll
         completions = [o["ids"] for o in outs]
 
         def update():  # what train_weaver.grpo_step / train_trigger.trigger_step do after their rollouts

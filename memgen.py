@@ -33,7 +33,8 @@ import torch
 import torch.nn as nn
 
 import lora
-from model import KVCache, ModelError, Steps, check_prompts, left_pad, sample, use_graphs
+from model import (KVCache, ModelError, Steps, check_prompts, left_pad, prefill_shared, sample,
+                   shared_prompts, use_graphs)
 
 K = 8  # latents per insertion (the paper's default for both the prompt and the inference insertions)
 N = 3  # at most N inference insertions per completion (plus the one at the end of the prompt)
@@ -349,15 +350,18 @@ def feed(mg, st, steps, tok, ins, t):
             st.n_ins += ins.long()
 
 
-def prefill(mg, ids, pmask, max_new_tokens, mode, graphs, context=None):
+def prefill(mg, ids, pmask, max_new_tokens, mode, graphs, context=None, share=None):
     """The prompt into the reasoner's cache, and into the weaver's and trigger's own caches when they will be used.
-    context: weaver_context() or None; the weaver reads it before the prompt. Returns the caches (as Steps: model.py
-    section 6) and the reasoner's logits after the prompt."""
+    context: weaver_context() or None; the weaver reads it before the prompt. share: model.shared_prompts() of the
+    rows, or None: rows that repeat a prompt (GRPO's groups) read it once and copy the caches (prefill_shared).
+    Returns the caches (as Steps: model.py section 6) and the reasoner's logits after the prompt."""
     model, k, dev, dtype = mg.model, mg.k, mg.model.device, mg.model.dtype
     B, P = ids.shape
     slots = P + max_new_tokens + k * (mg.n + 1)
     caches = {"reasoner": Steps.open(model, "reasoner", B, slots, graphs)}  # tokens and latents
-    logits, _ = model(ids, mask=pmask, cache=caches["reasoner"].cache, logits="last")
+    r = caches["reasoner"].cache
+    logits, _ = prefill_shared(r, share, lambda ids, m, rows: model(ids, mask=m, cache=r, rows=rows, logits="last"),
+                               ids, pmask)
     g_hidden = None
     if mode != "off":  # the weaver reads the prompt once; every later call only feeds what is new
         x, xmask = model.embed(ids), pmask
@@ -368,12 +372,18 @@ def prefill(mg, ids, pmask, max_new_tokens, mode, graphs, context=None):
         caches["weaver"] = w = Steps.open(model, "weaver", B + spare, slots + k + x.shape[1] - P, graphs)
         with lora.use(model, "weaver"):
             x = mg.weaver.reasoner_to_weaver(x.float()).to(dtype)
-            rows = torch.arange(B, device=dev) if spare else None
-            model(inputs_embeds=x, mask=xmask, cache=w.cache, rows=rows, logits="none")
+            everyone = torch.arange(B, device=dev) if spare else None  # the prompts' rows, not the spare one
+
+            def weaver_prefill(x, m, rows):
+                model(inputs_embeds=x, mask=m, cache=w.cache, rows=everyone if rows is None else rows, logits="none")
+                return ()
+
+            prefill_shared(w.cache, share, weaver_prefill, x, xmask)
     if mode == "learned":  # the trigger runs on boundary rows only: always a plain cache
-        caches["trigger"] = KVCache(model.cfg, B, P + max_new_tokens, dev, dtype)  # tokens only
+        caches["trigger"] = g = KVCache(model.cfg, B, P + max_new_tokens, dev, dtype)  # tokens only
         with lora.use(model, "trigger"):
-            _, g_hidden = model(ids, mask=pmask, cache=caches["trigger"], logits="none")
+            _, g_hidden = prefill_shared(g, share, lambda ids, m, rows: model(ids, mask=m, cache=g, rows=rows,
+                                                                              logits="none"), ids, pmask)
         g_hidden = g_hidden[:, -1]
     return caches, logits[:, -1, :mg.vocab].float(), g_hidden
 
@@ -415,7 +425,12 @@ def generate(mg, tokenizer, prompts, max_new_tokens=256, temperature=0.0, top_p=
     B = ids.shape[0]
     gen = torch.Generator(device=dev).manual_seed(seed)
     eos = torch.tensor(tokenizer.eos_ids, device=dev)
-    caches, next_logits, g_hidden = prefill(mg, ids, pmask, max_new_tokens, mode, graphs, weaver_context(mg, context))
+    # rows that repeat a prompt (and its weaver context) read it once (model.shared_prompts); not in train mode,
+    # where each row's adapter dropout is its own draw
+    keys = [(tuple(p), None if context is None else tuple(context[b])) for b, p in enumerate(prompts)]
+    share = None if mg.training else shared_prompts(keys, dev)
+    caches, next_logits, g_hidden = prefill(mg, ids, pmask, max_new_tokens, mode, graphs, weaver_context(mg, context),
+                                            share)
     zeros = lambda dtype=torch.long: torch.zeros(B, dtype=dtype, device=dev)  # noqa: E731
     st = Rows(out=torch.full((B, max_new_tokens), tokenizer.pad_id, dtype=torch.long, device=dev),
               logps=torch.zeros(B, max_new_tokens, device=dev), next_logits=next_logits,

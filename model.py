@@ -286,6 +286,17 @@ class KVCache:
             self.next_pos[self.rows] += mask.sum(1)
         self.rows = None
 
+    def copy_rows(self, src, dst):
+        """Rows dst (long) become copies of rows src (preallocated mode): a prompt read once for every row that
+        shares it (shared_prompts). Only the slots the source rows have used are copied."""
+        if self.max_len is None:
+            raise ModelError("copy_rows needs a preallocated cache")
+        n = int(self.lens[src].max())
+        for K, V in zip(self.k, self.v):
+            K[dst, :, :n], V[dst, :, :n] = K[src, :, :n], V[src, :, :n]
+        self.valid[dst] = self.valid[src]
+        self.lens[dst], self.next_pos[dst] = self.lens[src], self.next_pos[src]
+
     def rollback(self, n, rows=None, where=None):
         """Forget the last n slots of `rows` (MemGen drops the weaver's K query slots after reading them); see the
         class docstring for what "last n" means in each mode. where (B',) bool: of those rows, only the ones to roll
@@ -612,6 +623,35 @@ def left_pad(prompts, pad_id, device):
     return ids.to(device), mask.to(device)
 
 
+def shared_prompts(keys, device):
+    """GRPO and the trigger draw a group of completions per prompt, pass@k draws k: those rows start from the same
+    prompt, and reading it once for all of them saves (group - 1) / group of the prefill. keys: per row, what its
+    prefill reads (the prompt ids). -> None when every row differs, else (first (U,) long: the first row of each
+    distinct key, of_row (B,) long: each row's position in first). The prefill runs on rows `first` only; then
+    cache.copy_rows(first[of_row], all rows) and out[of_row] spread it to every row."""
+    seen, first, of_row = {}, [], []
+    for b, key in enumerate(keys):
+        if key not in seen:
+            seen[key] = len(first)
+            first.append(b)
+        of_row.append(seen[key])
+    if len(first) == len(keys):
+        return None
+    return torch.tensor(first, device=device), torch.tensor(of_row, device=device)
+
+
+def prefill_shared(cache, share, call, *inputs):
+    """call(*inputs, rows) into cache, once per distinct prompt when share (shared_prompts) is given: inputs (B, ...)
+    are cut to the rows `first`, the cache rows of the others are copied from them, and call's outputs (tensors of
+    (rows, ...), or None) come back for all B rows."""
+    if share is None:
+        return call(*inputs, None)
+    first, of_row = share
+    outs = call(*[x[first] for x in inputs], first)
+    cache.copy_rows(first[of_row], torch.arange(len(of_row), device=of_row.device))
+    return tuple(None if o is None else o[of_row] for o in outs)
+
+
 def check_prompts(model, prompts, max_new_tokens):
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ModelError("every prompt must hold at least one token")
@@ -641,7 +681,10 @@ def generate(model, tokenizer, prompts, max_new_tokens=256, temperature=0.0, top
     eos = torch.tensor(tokenizer.eos_ids, device=model.device)
     out = torch.full((B, max_new_tokens), tokenizer.pad_id, dtype=torch.long, device=model.device)
     done = torch.zeros(B, dtype=torch.bool, device=model.device)
-    logits, _ = model(ids, mask=mask, cache=cache, logits="last")
+    # rows that repeat a prompt read it once (not in train mode: each row's adapter dropout is its own draw)
+    share = None if model.training else shared_prompts([tuple(p) for p in prompts], model.device)
+    logits, _ = prefill_shared(cache, share, lambda ids, mask, rows: model(ids, mask=mask, cache=cache, rows=rows,
+                                                                          logits="last"), ids, mask)
     V = tokenizer.vocab_size  # models pad their vocabulary (Qwen: 151,936 rows, 151,665 tokens): never sample those
     for t in range(max_new_tokens):
         tok = sample(logits[:, -1, :V], temperature, top_p, gen)

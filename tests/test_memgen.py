@@ -260,3 +260,34 @@ def test_embedding_init_gives_latents_the_scale_of_token_embeddings(tiny):
     assert abs(norms["paper"] / target - 1) > 0.1  # the paper's init is not already at that scale
     with pytest.raises(ModelError, match="unknown boundary 'words'"):
         memgen.MemGen(model, tok, boundary="words")
+
+
+@pytest.mark.parametrize("mode,graphs,context", [("always", False, False), ("learned", False, False),
+                                                  ("learned", True, False), ("always", False, True)])
+def test_a_repeated_prompt_is_read_once_by_all_three_caches(tiny, monkeypatch, mode, graphs, context):
+    """Rows that repeat a prompt (GRPO's and the trigger's groups, pass@k) prefill the reasoner's, the weaver's and
+    the trigger's caches once and copy them: sampled tokens, insertions and the trigger's decisions are those of
+    reading every row. With a weaver context, rows share only when the context is the same too."""
+    import model as M
+
+    mg, tok = make(tiny, mode=mode)
+    mg.is_delim[::3] = True
+    qs = ["What is 2+3?", "Say: a, b. c", "What is 2+3?", "What is 2+3?", "Say: a, b. c"]
+    prompts = [tok.chat([{"role": "user", "content": q}]) for q in qs]
+    ctx = [tok.encode(c) for c in ("one", "two", "one", "three", "two")] if context else None
+    copied = []
+    real_copy = M.KVCache.copy_rows
+    monkeypatch.setattr(M.KVCache, "copy_rows", lambda self, src, dst: (copied.append(src.tolist()),
+                                                                        real_copy(self, src, dst)))
+    kw = dict(max_new_tokens=30, temperature=1.0, seed=4, trigger_sample=True, graphs=graphs, context=ctx)
+    shared = memgen.generate(mg, tok, prompts, **kw)
+    rows = [0, 1, 0, 3, 1] if context else [0, 1, 0, 0, 1]  # "three" is a context of its own
+    assert copied == [rows] * (3 if mode == "learned" else 2)  # reasoner, weaver (and trigger) caches
+    monkeypatch.setattr(memgen, "shared_prompts", lambda keys, device: None)
+    each = memgen.generate(mg, tok, prompts, **kw)
+    assert sum(len(r["insertions"]) for r in shared) > len(prompts)
+    for a, b in zip(shared, each):
+        assert (a["ids"], a["insertions"], [d[::2] for d in a["decisions"]]) == \
+               (b["ids"], b["insertions"], [d[::2] for d in b["decisions"]])
+        assert a["logprobs"] == pytest.approx(b["logprobs"], abs=1e-5)
+        assert [d[1] for d in a["decisions"]] == pytest.approx([d[1] for d in b["decisions"]], abs=1e-5)

@@ -180,6 +180,34 @@ def test_sampling_is_seeded(tiny):
     assert a == b and len({tuple(s) for s in a}) > 1  # same seed, same samples; rows differ from each other
 
 
+def test_shared_prompts_finds_each_distinct_prompt_once():
+    import model as M
+
+    assert M.shared_prompts([(1, 2), (3,), (4, 5)], "cpu") is None  # all different: the plain prefill
+    first, of_row = M.shared_prompts([(1, 2), (3,), (1, 2), (1, 2), (3,)], "cpu")
+    assert first.tolist() == [0, 1] and of_row.tolist() == [0, 1, 0, 0, 1]
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_a_repeated_prompt_is_read_once_and_the_samples_do_not_change(tiny, monkeypatch, graphs):
+    """GRPO's groups and pass@k repeat each prompt: the prefill reads it once and copies the cache rows. Sampled
+    completions equal those of reading every row (sharing patched out), token for token."""
+    import model as M
+
+    path, _ = tiny("qwen2")
+    model, tok = load_model(path, dtype="float32"), load_tokenizer(path)
+    prompts = [tok.encode(x) for x in ("a b c", "hello world, again", "a b c", "x", "hello world, again", "a b c")]
+    copied = []
+    real_copy = KVCache.copy_rows
+    monkeypatch.setattr(KVCache, "copy_rows", lambda self, src, dst: (copied.append(src.tolist()),
+                                                                      real_copy(self, src, dst)))
+    shared = generate(model, tok, prompts, max_new_tokens=20, temperature=1.0, seed=11, graphs=graphs)
+    assert copied == [[0, 1, 0, 3, 1, 0]]  # every row from the first row of its prompt
+    monkeypatch.setattr(M, "shared_prompts", lambda keys, device: None)
+    each = generate(model, tok, prompts, max_new_tokens=20, temperature=1.0, seed=11, graphs=graphs)
+    assert shared == each and len({tuple(x) for x in shared[0]}) > 3  # (and the repeats drew different samples)
+
+
 # ---- bad inputs: one clear error each
 
 
