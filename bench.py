@@ -211,7 +211,9 @@ def main(argv=None):
     model = setup["model"]
     print(f"# bench on {machine()}, dtype {str(model.dtype).replace('torch.', '')}, model {model.cfg.name} "
           f"({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params), batch {len(setup['prompts'])}, "
-          f"{setup['new_tokens']} new tokens")
+          f"{setup['new_tokens']} new tokens" + (f"; RL steps: {cfg['rl_prompts']} prompts x {cfg['rl_group']} "
+                                                 f"rollouts of {cfg['rl_new_tokens']} tokens"
+                                                 if cfg["only"] != "decode" else ""))
     rows, ratios = [], {}
     if cfg["only"] in ("", "decode"):
         vanilla = decode_figures(setup, rows, ratios)
