@@ -23,7 +23,8 @@ Speed: every model call is cached and batched. The weaver keeps a KV cache over 
 only what is new since that row's last call plus K queries, then drops the query slots again (the official code
 re-runs the weaver over the whole prefix each time). Calls are made for the rows that need them only. A decoding step
 makes at most one weaver call and one reasoner call (the token and the latents go in together); with graphs (model.py
-section 6, on by default with CUDA) both are fixed-shape calls replayed as CUDA graphs.
+section 6, on by default with CUDA) both are fixed-shape calls replayed as CUDA graphs. Rows that repeat a prompt
+(GRPO's and the trigger's groups, pass@k) prefill it once and copy the cache rows (model.shared_prompts).
 """
 import json
 import os
