@@ -65,6 +65,7 @@ ONLY = ""  # "" = every figure; "train" = the training figures (3, a few minutes
 RL_PROMPTS = 2  # prompts of the GRPO and trigger steps (figure 3), each with RL_GROUP rollouts
 RL_GROUP = 4  # rollouts per prompt in the GRPO and trigger steps
 RL_NEW_TOKENS = 128  # longest rollout of the GRPO and trigger steps
+RL_MICRO_BATCH = 4  # rows per forward/backward of an RL update and of its SFT comparison (the trainers' MICRO_BATCH)
 PROFILE = False  # true: also print torch.profiler's top operators of one MemGen-SFT step and one LoRA-SFT step
 # -----------------------------------------------------------------------------
 _PROG = "bench.py"
@@ -198,7 +199,8 @@ def main(argv=None):
     """Run every figure; returns the headline ratios."""
     with errors.one_line_errors(_PROG):
         cfg, _ = settings.parse(sys.argv[1:] if argv is None else list(argv), globals(), _PROG)
-        settings.at_least(cfg, 1, "batch_size", "max_new_tokens", "rl_prompts", "rl_group", "rl_new_tokens")
+        settings.at_least(cfg, 1, "batch_size", "max_new_tokens", "rl_prompts", "rl_group", "rl_new_tokens",
+                          "rl_micro_batch")
         settings.one_of(cfg, "only", ("", "train", "rl", "decode"))
         settings.one_of(cfg, "shape", ("",) + tuple(SHAPES))
         if sum(map(bool, (cfg["quick"], cfg["model"], cfg["shape"]))) != 1:
@@ -371,7 +373,8 @@ def rl_figures(mg, setup, cfg, rows, ratios):
     the update (log-probs of the rollouts with gradients, backward); advantages are random here - the figure is
     about time, not learning. Each update is set against an SFT step over the very same sequences (the MemGen-SFT
     step for GRPO, the LoRA-SFT step for the trigger, whose adapter reads the same tokens): an update costs a
-    forward and a backward over those tokens, as the SFT step does.           -> grpo_vs_sft, trigger_vs_sft"""
+    forward and a backward over those tokens, as the SFT step does. Both run RL_MICRO_BATCH rows at a time, as the
+    trainers do (the whole group at once needs memory for every row's logits).  -> grpo_vs_sft, trigger_vs_sft"""
     model, tok, B, G = mg.model, setup["tok"], cfg["rl_prompts"], cfg["rl_group"]
     sft_adapter(model)
     prompts = [p for p in setup["prompts"][:B] for _ in range(G)]
@@ -388,20 +391,28 @@ def rl_figures(mg, setup, cfg, rows, ratios):
             memgen.shared_prompts = shared
         ratios[f"{name}_rollout_shared_prompt_speedup"] = dt_each / dt_roll
         completions = [o["ids"] for o in outs]
+        parts = training.chunks(list(range(len(outs))), cfg["rl_micro_batch"])
+        n_tokens = sum(map(len, completions))
 
         def update():  # what train_weaver.grpo_step / train_trigger.trigger_step do after their rollouts
-            if mode == "learned":
-                dlogp, dmask = memgen.trigger_logprobs(mg, prompts, completions, [o["decisions"] for o in outs],
-                                                       tok.pad_id)
-                (-(adv * (dlogp * dmask).sum(1)).sum() / len(outs)).backward()
-            else:
-                logp, cmask, _, _ = memgen.logprobs(mg, prompts, completions, [o["insertions"] for o in outs],
-                                                    pad_id=tok.pad_id)
-                (-(adv[:, None] * logp * cmask).sum() / cmask.sum()).backward()
+            for idx in parts:
+                p, c, a = [prompts[i] for i in idx], [completions[i] for i in idx], adv[idx]
+                if mode == "learned":
+                    dlogp, dmask = memgen.trigger_logprobs(mg, p, c, [outs[i]["decisions"] for i in idx], tok.pad_id)
+                    (-(a * (dlogp * dmask).sum(1)).sum() / len(outs)).backward()
+                else:
+                    logp, cmask, _, _ = memgen.logprobs(mg, p, c, [outs[i]["insertions"] for i in idx],
+                                                        pad_id=tok.pad_id)
+                    (-(a[:, None] * logp * cmask).sum() / n_tokens).backward()
 
         ids, mask, plen = memgen.right_pad(prompts, completions, tok.pad_id, model.device)
-        same = (lambda: sft_step(mg, ids, mask, plen, naive=False)) if mode == "always" else \
-            (lambda: lora_step(model, ids, mask, plen))
+
+        def same():  # the SFT step over the same rows, in the same parts
+            for idx in parts:
+                if mode == "always":
+                    sft_step(mg, ids[idx], mask[idx], plen[idx], naive=False)
+                else:
+                    lora_step(model, ids[idx], mask[idx], plen[idx])
         update(), same()  # warm-up
         dt_up, _ = best_of(2, update)
         dt_same, _ = best_of(2, same)
