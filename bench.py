@@ -20,14 +20,15 @@ Figures (each printed as a table row and as one JSON line; the last line holds t
      forward+backward) vs the per-example recompute reference (reference.naive_forward, which the tests prove our
      forward equal to) and vs a LoRA-SFT step on the reasoner (the paper's SFT baseline)  -> train_vs_naive, sft_vs_lora
      and, split into rollout and update time, a MemGen-GRPO step and a trigger REINFORCE step, whose rollouts are
-     also timed with every row reading its prompt itself (model.shared_prompts off)
-                                                          -> grpo_rollout_shared_prompt_speedup (and trigger_...)
+     also timed with every row reading its prompt itself (model.shared_prompts off), as is the trigger's update
+                           -> grpo_rollout_shared_prompt_speedup (and trigger_...), trigger_update_shared_prompt_speedup
   4. peak resident memory of reasoner + weaver + trigger relative to the base model alone           -> memory_ratio
 Decoding ignores EOS here so every run produces exactly MAX_NEW_TOKENS tokens per row. The transformers figures need
 requirements-dev.txt. Speed does not depend on the weights' values, so SHAPE measures a model of a real size with
 random weights and no files; its synthetic tokenizer decodes every id and ends a token with "," "." or "\n" about
 as often as GSM8K text does (every 12th id), so MemGen inserts as it would on real text.
 """
+import contextlib
 import json
 import os
 import platform
@@ -368,6 +369,16 @@ def profile_steps(steps):
               + prof.key_averages().table(sort_by=key, row_limit=12), flush=True)
 
 
+@contextlib.contextmanager
+def each_row_reads_its_prompt():
+    """memgen with model.shared_prompts off: every row reads its own copy of a repeated prompt (the baseline)."""
+    shared, memgen.shared_prompts = memgen.shared_prompts, lambda keys, device: None
+    try:
+        yield
+    finally:
+        memgen.shared_prompts = shared
+
+
 def rl_figures(mg, setup, cfg, rows, ratios):
     """3b. A MemGen-GRPO step and a trigger REINFORCE step, each split into rollouts (sampling with the caches) and
     the update (log-probs of the rollouts with gradients, backward); advantages are random here - the figure is
@@ -384,11 +395,8 @@ def rl_figures(mg, setup, cfg, rows, ratios):
                                        seed=cfg["seed"], mode=mode, trigger_sample=True, graphs=cfg["graphs"])
         roll()  # at the measured shapes first, as every timed figure here
         dt_roll, outs = timed(roll)
-        shared, memgen.shared_prompts = memgen.shared_prompts, lambda keys, device: None  # each row its own prefill
-        try:
+        with each_row_reads_its_prompt():
             dt_each, _ = timed(roll)
-        finally:
-            memgen.shared_prompts = shared
         ratios[f"{name}_rollout_shared_prompt_speedup"] = dt_each / dt_roll
         completions = [o["ids"] for o in outs]
         parts = training.chunks(list(range(len(outs))), cfg["rl_micro_batch"])
@@ -416,6 +424,10 @@ def rl_figures(mg, setup, cfg, rows, ratios):
         update(), same()  # warm-up
         dt_up, _ = best_of(2, update)
         dt_same, _ = best_of(2, same)
+        if mode == "learned":  # the trigger's update also reads each shared prompt once (trigger_forward_shared)
+            with each_row_reads_its_prompt():
+                dt_up_each, _ = best_of(2, update)
+            ratios["trigger_update_shared_prompt_speedup"] = dt_up_each / dt_up
         report(rows, f"{name}_rollout_s", dt_roll, "s", rollouts=len(outs), tokens=sum(map(len, completions)))
         report(rows, f"{name}_update_s", dt_up, "s", share_of_step=round(dt_up / (dt_roll + dt_up), 3),
                tokens=int(mask.sum()))

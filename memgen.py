@@ -719,10 +719,17 @@ def trigger_logprobs(mg, prompts, completions, decisions, pad_id=0, batched=None
     """
     Log-probs (with gradients into the trigger adapter and head) of recorded trigger decisions: per row a list of
     (completion index i, 0/1) - the trigger was asked after completion token i-1 (i = 0: the end of the prompt).
-    The trigger reads tokens only, so this is one plain forward. Returns (B, M) log-probs and their mask.
+    The trigger reads tokens only, so this is one plain forward - or, for rows in groups that share a prompt (the
+    trigger's rollouts), one read of each distinct prompt and one of the completions (trigger_forward_shared).
+    Returns (B, M) log-probs and their mask.
     """
     dev = mg.model.device
-    ids, mask = batched if batched is not None else right_pad(prompts, completions, pad_id, dev)[:2]
+    share = None if batched is not None or mg.training else shared_prompts([tuple(p) for p in prompts], dev)
+    if share is None:
+        ids, mask = batched if batched is not None else right_pad(prompts, completions, pad_id, dev)[:2]
+        probs, offset = trigger_forward(mg, ids, mask), [len(p) - 1 for p in prompts]
+    else:
+        probs, offset = trigger_forward_shared(mg, prompts, completions, share, pad_id), [0] * len(prompts)
     M = max([len(d) for d in decisions] + [1])
     at = torch.zeros(len(prompts), M, dtype=torch.long, device=dev)
     act = torch.zeros(len(prompts), M, device=dev)
@@ -730,9 +737,29 @@ def trigger_logprobs(mg, prompts, completions, decisions, pad_id=0, batched=None
     for b, ds in enumerate(decisions):
         for m, d in enumerate(ds):
             i, fired = d[0], d[-1]  # generate() records (i, p, 0/1); (i, 0/1) works too
-            at[b, m], act[b, m], dmask[b, m] = len(prompts[b]) + i - 1, float(fired), True
-    p = trigger_forward(mg, ids, mask).gather(1, at).clamp(1e-6, 1 - 1e-6)
+            at[b, m], act[b, m], dmask[b, m] = offset[b] + i, float(fired), True
+    p = probs.gather(1, at).clamp(1e-6, 1 - 1e-6)
     return (act * p.log() + (1 - act) * (1 - p).log()) * dmask, dmask
+
+
+def trigger_forward_shared(mg, prompts, completions, share, pad_id=0):
+    """trigger_forward for rows whose prompts repeat (share: model.shared_prompts): each distinct prompt is read
+    once, with gradients, its cache row is repeated for every row of its group (KVCache.select), and each row then
+    reads only its completion. -> p(insert) (B, 1 + Tc): after the prompt's last token, then after each completion
+    token. Equal to trigger_forward at those places (tests/test_memgen.py)."""
+    model, dev = mg.model, mg.model.device
+    first, of_row = share
+    uniq = [prompts[i] for i in first.tolist()]
+    ids, mask, plen = right_pad(uniq, [[] for _ in uniq], pad_id, dev)
+    cache = KVCache(model.cfg, len(uniq), device=dev, dtype=model.dtype)  # growing: autograd reads it
+    with lora.use(model, "trigger"):
+        _, hp = model(ids, mask=mask, cache=cache, logits="none")
+        h = hp.gather(1, (plen - 1)[:, None, None].expand(-1, 1, hp.shape[-1]))[of_row]  # after each prompt
+        if max(len(c) for c in completions):
+            ids, mask, _ = right_pad([[] for _ in completions], completions, pad_id, dev)
+            _, hc = model(ids, mask=mask, cache=cache.select(of_row), logits="none")
+            h = torch.cat([h, hc], 1)
+    return trigger_probs(mg, h)
 
 
 # ----------------------------------------------------------------------------------------------------------------

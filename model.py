@@ -16,6 +16,7 @@ Read top to bottom:
   6. Steps           - the decode steps' calls in fixed shapes on a static cache, replayed as CUDA graphs on a GPU
                        (graphs=False, a CPU's default, is the plain loop of 5)
 """
+import copy
 import json
 import os
 from dataclasses import dataclass
@@ -296,6 +297,17 @@ class KVCache:
             K[dst, :, :n], V[dst, :, :n] = K[src, :, :n], V[src, :, :n]
         self.valid[dst] = self.valid[src]
         self.lens[dst], self.next_pos[dst] = self.lens[src], self.next_pos[src]
+
+    def select(self, rows):
+        """A new cache whose row j is row rows[j] of this one (rows (B',) long, may repeat): a prompt read once goes
+        on in every row of its group (memgen.trigger_logprobs). In growing mode the keys and values stay in
+        autograd's graph."""
+        out = copy.copy(self)  # the settings; every per-row tensor is replaced
+        out.k, out.v = [K[rows] for K in self.k], [V[rows] for V in self.v]
+        out.valid, out.lens, out.next_pos = self.valid[rows], self.lens[rows], self.next_pos[rows]
+        out.segments = None if self.segments is None else self.segments[rows]
+        out.static, out.rows = False, None
+        return out
 
     def rollback(self, n, rows=None, where=None):
         """Forget the last n slots of `rows` (MemGen drops the weaver's K query slots after reading them); see the

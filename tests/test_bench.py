@@ -14,7 +14,8 @@ def test_quick_bench_prints_the_ratios_and_its_reference_decodes_our_tokens(caps
     last = json.loads(out[-1])
     assert set(last) == {"memgen_vs_vanilla", "memgen_vs_naive", "train_vs_naive", "sft_vs_lora", "memory_ratio",
                          "grpo_vs_sft", "trigger_vs_sft", "few_rows_route_speedup",
-                         "grpo_rollout_shared_prompt_speedup", "trigger_rollout_shared_prompt_speedup"}
+                         "grpo_rollout_shared_prompt_speedup", "trigger_rollout_shared_prompt_speedup",
+                         "trigger_update_shared_prompt_speedup"}
     assert ratios["memory_ratio"] > 1  # MemGen's parts add parameter bytes to the base model's
     figures = {r["figure"]: r for r in map(json.loads, (x for x in out if x.startswith('{"figure"')))}
     assert figures["official_style_memgen_tok_s"]["same_tokens"] is True
@@ -35,7 +36,7 @@ def test_quick_bench_prints_the_ratios_and_its_reference_decodes_our_tokens(caps
 def test_only_train_runs_just_the_training_figures(capsys):
     ratios = bench.main(["--quick=true", "--only=train", "--rl_prompts=1", "--rl_group=2", "--rl_new_tokens=16"])
     rl = {"grpo_vs_sft", "trigger_vs_sft", "grpo_rollout_shared_prompt_speedup",
-          "trigger_rollout_shared_prompt_speedup"}
+          "trigger_rollout_shared_prompt_speedup", "trigger_update_shared_prompt_speedup"}
     assert set(ratios) == {"train_vs_naive", "sft_vs_lora"} | rl
     out = capsys.readouterr().out
     assert "vanilla_tok_s" not in out and "sft_lora_step_s" in out and "trigger_update_s" in out

@@ -291,3 +291,36 @@ def test_a_repeated_prompt_is_read_once_by_all_three_caches(tiny, monkeypatch, m
                (b["ids"], b["insertions"], [d[::2] for d in b["decisions"]])
         assert a["logprobs"] == pytest.approx(b["logprobs"], abs=1e-5)
         assert [d[1] for d in a["decisions"]] == pytest.approx([d[1] for d in b["decisions"]], abs=1e-5)
+
+
+def test_trigger_logprobs_read_a_shared_prompt_once_with_the_same_values_and_gradients(tiny, monkeypatch):
+    """The trigger's update over its rollouts (groups that share a prompt) reads each prompt once and repeats its
+    cache rows: the decisions' log-probs and the trigger's gradients equal reading every row whole."""
+    mg, tok = make(tiny, mode="learned")
+    mg.is_delim[::3] = True
+    qs = ["What is 2+3?", "Say: a, b. c", "What is 2+3?", "A longer question, with a comma.", "Say: a, b. c"]
+    prompts = [tok.chat([{"role": "user", "content": q}]) for q in qs]
+    res = memgen.generate(mg, tok, prompts, max_new_tokens=24, temperature=1.0, seed=2, trigger_sample=True)
+    completions, decisions = [r["ids"] for r in res], [r["decisions"] for r in res]
+    completions[1], decisions[1] = [], decisions[1][:1]  # a row that ended at once: only the prompt-end decision
+    assert sum(len(d) for d in decisions) > len(prompts)  # decisions inside completions too
+    params = list(mg.trainable("trigger").values())
+
+    def run():
+        for p in params:
+            p.grad = None
+        dlogp, dmask = memgen.trigger_logprobs(mg, prompts, completions, decisions, tok.pad_id)
+        (dlogp * torch.arange(1.0, 1 + dlogp.numel()).view_as(dlogp)).sum().backward()  # every entry weighs apart
+        return dlogp.detach(), dmask, [p.grad.clone() for p in params]
+
+    calls = []
+    real = memgen.trigger_forward_shared
+    monkeypatch.setattr(memgen, "trigger_forward_shared", lambda *a: (calls.append(1), real(*a))[1])
+    shared = run()
+    assert calls  # the shared path ran
+    monkeypatch.setattr(memgen, "shared_prompts", lambda keys, device: None)
+    whole = run()
+    assert torch.equal(shared[1], whole[1])
+    assert torch.allclose(shared[0], whole[0], atol=1e-5)
+    for a, b in zip(shared[2], whole[2]):  # float32 sums in another order: equal to a millionth of the largest
+        assert (a - b).abs().max() <= 1e-6 * b.abs().max() + 1e-6
