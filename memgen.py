@@ -463,7 +463,8 @@ def generate(mg, tokenizer, prompts, max_new_tokens=256, temperature=0.0, top_p=
         if t == max_new_tokens - 1 or caches["reasoner"].stop_check(t) and bool(st.done.all()):
             break
         cand = None
-        if mode != "off":  # a sentence boundary in a row with insertions left: (a)-(c) before token t+1
+        if mode != "off":  # a sentence boundary in a row with insertions left: (a)-(c) before token t+1 (n_ins counts
+            # insertions, not trigger calls: as in the official code, a declined boundary does not use up N)
             cand = mg.is_delim[tok] & ~st.done & (st.n_ins < mg.n)
             if mg.boundary == "sentence":
                 st.deferred = cand & maybe_in_number(mg, st.prev_tok, tok)

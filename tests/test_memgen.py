@@ -144,6 +144,28 @@ def test_learned_trigger_threshold_and_counts(tiny):
     assert r["ids"] == a["ids"] and r["insertions"] == a["insertions"]
 
 
+def test_a_declined_boundary_does_not_use_up_n(tiny):
+    """N counts insertions, not trigger calls (the official code's sentence_augment_count): after a decline the trigger
+    is asked again at the next boundary, and the asking stops only at the N-th insertion."""
+    mg, tok = make(tiny, mode="learned", n=2)
+    with torch.no_grad():  # p(insert) = 0.5 at every boundary
+        mg.trigger.head.weight.zero_()
+        mg.trigger.head.bias.zero_()
+    mg.is_delim[::3] = True  # more boundaries than a random model says on its own
+    prompts = [tok.chat([{"role": "user", "content": "Say: a, b. c"}])] * 8
+    outs = memgen.generate(mg, tok, prompts, 40, 1.0, seed=0, mode="learned", trigger_sample=True)
+    more_asks_than_n = 0
+    for r in outs:
+        comp = r["ids"]
+        asked = [t for t, _, _ in r["decisions"] if t > 0]
+        fired = [t for t, _, d in r["decisions"] if t > 0 and d]
+        assert fired == [t for t in r["insertions"] if t > 0] and len(fired) <= mg.n
+        last = fired[-1] if len(fired) == mg.n else len(comp) - 1
+        assert asked == [t for t in range(1, last + 1) if bool(mg.is_delim[comp[t - 1]])], r["decisions"]
+        more_asks_than_n += len(asked) > mg.n
+    assert more_asks_than_n > 0, [(len(r["ids"]), r["decisions"]) for r in outs]  # some row declined, asked again
+
+
 def test_save_load_round_trip(tiny, tmp_path):
     mg, tok = make(tiny)
     prompts = [tok.chat([{"role": "user", "content": "Say: a, b. c"}])]
