@@ -164,7 +164,11 @@ def plot(res, path):
         ks = list(range(1, r["samples"] + 1))
         ax.plot(ks, [100 * x for x in r["pass@k"]], marker=".", label=label)
     ax.set_xscale("log", base=2)
-    ax.set_xticks(ks, [str(k) for k in ks], fontsize=7)
+    # labels at the powers of two (and the last k) only: on a log axis the high k crowd together
+    major = [k for k in ks if k & (k - 1) == 0 or k == ks[-1]]
+    ax.set_xticks(major, [str(k) for k in major])
+    ax.set_xticks([k for k in ks if k not in major], minor=True)
+    ax.tick_params(axis="x", which="minor", labelbottom=False)
     ax.set_xlabel("k (completions drawn per problem)")
     ax.set_ylabel("pass@k (%)")
     ax.grid(alpha=0.3)
