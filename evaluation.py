@@ -84,9 +84,15 @@ def mcnemar(a, b):
     discordant pairs against an even split; 1.0 when there are none)."""
     lost = sum(bool(x) and not y for x, y in zip(a, b))
     gained = sum(bool(y) and not x for x, y in zip(a, b))
-    n = lost + gained
-    tail = sum(math.comb(n, i) for i in range(min(lost, gained) + 1)) / 2 ** n
-    return lost, gained, min(1.0, 2 * tail)
+    return lost, gained, sign_test(lost, gained)
+
+
+def sign_test(lower, higher):
+    """The exact two-sided sign test: the chance, under an even split, of counts at least as uneven as `lower` cases
+    against `higher` (ties left out before counting); 1.0 when there are none."""
+    n = lower + higher
+    tail = sum(math.comb(n, i) for i in range(min(lower, higher) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
 
 
 def summarize(records, samples):

@@ -8,6 +8,11 @@ trigger, its mean p(insert) at the prompt end and at the boundaries inside compl
     python eval.py --model=M --mode=lora --adapter=A --limit=50 --samples=16 --temperature=1.0 --out_dir=out/passk/lora
     python passk.py --runs=vanilla=out/passk/vanilla,lora-sft=out/passk/lora --out=out/passk/curve
 
+Multi-turn runs (eval.py on an agent task such as scienceworld: one episode per row, scored 0-100) get, beside
+pass@1 (= success, score 100), the mean score with its standard error, turns and insertions per turn, and against the
+first run the mean score difference with a paired bootstrap 95 % interval over the episodes, the episodes scored
+higher, lower and the same, and an exact sign test of higher against lower.
+
 Every k from 1 to the completions drawn per problem, with the unbiased estimator (evaluation.pass_curve; a problem
 whose prompt did not fit counts as unsolved). The runs must hold the same problems and the same number of samples.
 The first run is the baseline: for each other run the table also gives its difference to the baseline at each k
@@ -80,12 +85,33 @@ def curves(runs):
             raise evaluation.EvalError(f"{label}: run.json says {samples!r} completions per problem; give the "
                                        "--out_dir of a finished eval.py run")
         recs = [rows[i] for i in ids]
+        if all("turns" in r for r in recs):  # multi-turn episodes (agent.py): a score 0-100 each, success at 100
+            out[label] = episodes(label, run, recs)
+            continue
         summary = evaluation.summarize(recs, samples)  # (also checks every row holds `samples` completions)
         per = [[0.0] * samples if "skipped" in r else
                [evaluation.pass_at_k(samples, sum(r["correct"]), k) for k in range(1, samples + 1)] for r in recs]
         out[label] = {"run": run, "n": len(recs), "samples": samples, "pass@k": evaluation.pass_curve(recs, samples),
                       "per_problem": per, "memory": {k: summary[k] for k in MEMORY_KEYS if k in summary}}
     return out
+
+
+def episodes(label, run, recs):
+    """curves()'s entry for a multi-turn run: its one "sample" per row is the episode, solved when it scored 100."""
+    import agent
+
+    if any(not isinstance(r.get("score"), (int, float)) for r in recs):
+        raise evaluation.EvalError(f"{label}: its rows hold turns but not every one a score; give the --out_dir of "
+                                   "an eval.py run on an agent task")
+    s = agent.summarize(recs, memgen_rows=run.get("mode") == "memgen")
+    return {"run": run, "n": len(recs), "samples": 1, "pass@k": [s["success_rate"]],
+            "per_problem": [[1.0 if r["success"] else 0.0] for r in recs], "memory": {},
+            "episodes": {k: s[k] for k in EPISODE_KEYS if k in s}, "scores": [r["score"] for r in recs]}
+
+
+# multi-turn runs: agent.summarize's names
+EPISODE_KEYS = ("mean_score", "score_stderr", "success_rate", "turns_per_episode", "wasted_turn_rate",
+                "insertions_per_turn", "inference_insertions_per_turn", "end_done", "end_turn_limit", "end_context")
 
 
 # MemGen runs: how often memory was inserted, and a learned trigger's p(insert) (evaluation.summarize's names)
@@ -132,7 +158,9 @@ def report(res, resamples, seed):
             lines.append(f"| {label} | {m['mean_insertions']:.2f} | {m['mean_inference_insertions']:.2f} | "
                          f"{m['prompt_insertion_rate']:.2f} | {cell(m.get('mean_p_insert_prompt'), '.3f')} | "
                          f"{cell(m.get('mean_p_insert_boundary'), '.3f')} |")
-    if resamples > 0 and len(labels) > 1:
+    if all("episodes" in res[label] for label in labels):
+        lines += episode_tables(res, body, resamples, seed)
+    elif resamples > 0 and len(labels) > 1:
         lines += ["", f"Minus {base}, in points, with a paired bootstrap 95 % interval over the {res[base]['n']} "
                   f"problems ({resamples} resamples):", "",
                   "| run | " + " | ".join(f"pass@{k}" for k in ks) + " |", "|---" * (len(ks) + 1) + "|"]
@@ -143,7 +171,9 @@ def report(res, resamples, seed):
             lines.append(f"| {label} | " + " | ".join(f"{100 * d:+.1f} [{100 * a:+.1f}, {100 * b:+.1f}]"
                                                       for d, a, b in zip(diff, lo, hi)) + " |")
     if S == 1 and len(labels) > 1:  # greedy runs: each problem solved or not, paired with the baseline
-        lines += ["", f"Against {base}, problem by problem (exact two-sided McNemar test of the discordant pairs):", "",
+        what = ("success (score 100) against {}, episode by episode" if "episodes" in res[base] else
+                "against {}, problem by problem").format(base)
+        lines += ["", f"{what[0].upper()}{what[1:]} (exact two-sided McNemar test of the discordant pairs):", "",
                   "| run | pass@1 | lost | gained | p |", "|---|---|---|---|---|"]
         for label in labels[1:]:
             # with one sample a problem's pass@1 is 1 (solved) or 0 (not, or skipped)
@@ -153,6 +183,54 @@ def report(res, resamples, seed):
             lines.append(f"| {label} | {100 * res[label]['pass@k'][0]:.1f} | {lost} | {gained} | {p:.3g} |")
     body["baseline"], body["bootstrap"], body["seed"] = base, resamples, seed
     return "\n".join(lines) + "\n", body
+
+
+def episode_tables(res, body, resamples, seed):
+    """Multi-turn runs: each one's episodes in a row, then each against the first, episode by episode."""
+    labels = list(res)
+    base = labels[0]
+
+    def per_turn(e, key):
+        return "-" if key not in e else f"{e[key]:.2f}"
+
+    lines = ["", "Episodes (score 0-100 each; success = 100); insertions per turn with those inside replies in "
+             "brackets; how the episodes ended:", "",
+             "| run | episodes | mean score | s.e. | success | turns per episode | wasted turns | insertions per turn | "
+             "done / turn limit / context |", "|---|---|---|---|---|---|---|---|---|"]
+    for label in labels:
+        e = res[label]["episodes"]
+        body["runs"][label]["episodes"] = e
+        ins = per_turn(e, "insertions_per_turn")
+        if ins != "-":
+            ins += f" ({per_turn(e, 'inference_insertions_per_turn')})"
+        lines.append(f"| {label} | {res[label]['n']} | {e['mean_score']:.1f} | {e['score_stderr']:.1f} | "
+                     f"{100 * e['success_rate']:.1f} % | {e['turns_per_episode']:.1f} | "
+                     f"{100 * e['wasted_turn_rate']:.0f} % | {ins} | "
+                     f"{e['end_done']} / {e['end_turn_limit']} / {e['end_context']} |")
+    if len(labels) > 1:
+        lines += ["", f"Against {base}, episode by episode: the mean score difference in points"
+                  + (f" with a paired bootstrap 95 % interval over the episodes ({resamples} resamples)"
+                     if resamples > 0 else "")
+                  + ", the episodes scored higher, lower and the same, and the exact two-sided sign test of higher "
+                  "against lower:", "", "| run | mean score | minus " + base + " | higher | lower | same | p |",
+                  "|---|---|---|---|---|---|---|"]
+        a = res[base]["scores"]
+        for label in labels[1:]:
+            b = res[label]["scores"]
+            diff = sum(b) / len(b) - sum(a) / len(a)
+            higher = sum(y > x for x, y in zip(a, b))
+            lower = sum(y < x for x, y in zip(a, b))
+            p = evaluation.sign_test(lower, higher)
+            cmp = {"diff": diff, "higher": higher, "lower": lower, "same": len(a) - higher - lower, "p": p}
+            ci = ""
+            if resamples > 0:
+                lo, hi = paired_bootstrap([[x] for x in a], [[y] for y in b], resamples, seed)
+                cmp.update(lo=lo[0], hi=hi[0])
+                ci = f" [{lo[0]:+.1f}, {hi[0]:+.1f}]"
+            body["runs"][label]["score_minus_baseline"] = cmp
+            lines.append(f"| {label} | {res[label]['episodes']['mean_score']:.1f} | {diff:+.1f}{ci} | {higher} | "
+                         f"{lower} | {cmp['same']} | {p:.3g} |")
+    return lines
 
 
 def plot(res, path):
@@ -186,7 +264,8 @@ def main(argv=None):
         body["runs_given"] = cfg["runs"]
         if os.path.dirname(cfg["out"]):
             os.makedirs(os.path.dirname(cfg["out"]), exist_ok=True)
-        title = "pass@k against k" if body["k"] != [1] else "pass@1, paired problem by problem"
+        title = ("pass@k against k" if body["k"] != [1] else "pass@1, paired problem by problem"
+                 if not any("episodes" in r for r in body["runs"].values()) else "episodes, paired episode by episode")
         write_atomic(cfg["out"] + ".md", f"# {title}\n\n`python passk.py --runs={cfg['runs']}`\n\n" + md)
         write_json(cfg["out"] + ".json", body)
         png = plot(res, cfg["out"] + ".png") if cfg["plots"] else None

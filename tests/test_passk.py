@@ -163,3 +163,55 @@ def test_memgen_runs_get_their_insertions_and_the_trigger_p_insert(tmp_path):
     assert md.startswith("# pass@1, paired problem by problem")
     assert "| always | 1.50 | 0.50 | 1.00 | - | - |" in md
     assert "| learned | 2.00 | 1.50 | 0.50 | 0.500 | 0.733 |" in md
+
+
+def write_episodes(folder, scores, mode="vanilla", ins=None):
+    """An eval.py folder of a multi-turn run: one episode per row, scored 0-100, two turns each."""
+    folder.mkdir()
+    (folder / "run.json").write_text(json.dumps(dict(data="scienceworld", mode=mode, temperature=0.0, top_p=1.0,
+                                                     samples=1)))
+    rows = []
+    for i, s in enumerate(scores):
+        turn = {"reply": "x", "action": "look around" if i % 2 else None, "observation": "o", "score": s,
+                "insertions": list(ins or []), "tokens": 3}
+        rows.append({"id": f"task-{i}", "question": "q", "score": s, "success": s == 100, "correct": [s == 100],
+                     "end": "done" if s == 100 else "turn_limit", "turns": [turn, turn]})
+    (folder / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(folder)
+
+
+def test_episode_runs_get_mean_score_and_a_paired_sign_test(tmp_path):
+    """Multi-turn runs: mean score and its standard error as agent.summarize gives them, and against the first run the
+    mean difference with its bootstrap interval, episodes higher / lower / the same, and the sign test's p."""
+    import agent
+
+    base = [0, 0, 57, 100, 10, 0, 33, 0]
+    other = [0, 25, 57, 100, 0, 8, 100, 8]  # 4 higher, 1 lower, 3 the same
+    a = write_episodes(tmp_path / "a", base)
+    b = write_episodes(tmp_path / "b", other, mode="memgen", ins=[0, 4])
+    body = passk.main([f"--runs=vanilla={a},memgen={b}", f"--out={tmp_path / 'o'}", "--plots=false",
+                       "--bootstrap=500"])
+    recs = [json.loads(x) for x in open(Path(b) / "results.jsonl")]
+    e = body["runs"]["memgen"]["episodes"]
+    want = agent.summarize(recs, memgen_rows=True)
+    assert e["mean_score"] == pytest.approx(want["mean_score"]) and e["score_stderr"] == want["score_stderr"] > 0
+    assert e["insertions_per_turn"] == 2 and e["inference_insertions_per_turn"] == 1
+    assert body["runs"]["memgen"]["pass@k"] == [2 / 8] and body["runs"]["vanilla"]["pass@k"] == [1 / 8]
+    c = body["runs"]["memgen"]["score_minus_baseline"]
+    assert c["diff"] == pytest.approx((sum(other) - sum(base)) / 8)
+    assert (c["higher"], c["lower"], c["same"]) == (4, 1, 3)
+    assert c["p"] == pytest.approx(evaluation.sign_test(1, 4)) == pytest.approx(2 * 6 / 32)
+    assert c["lo"] <= c["diff"] <= c["hi"] and c["hi"] - c["lo"] > 0
+    assert body["runs"]["memgen"]["mcnemar"] == {"lost": 0, "gained": 1, "p": 1.0}  # success, paired
+    md = (tmp_path / "o.md").read_text()
+    assert md.startswith("# episodes, paired episode by episode")
+    assert "| vanilla | 8 | 25.0 |" in md and "| memgen | 37.2 | +12.2 [" in md and "| 4 | 1 | 3 | 0.375 |" in md
+    assert "Success (score 100) against vanilla, episode by episode" in md
+    assert "| 2.00 (1.00) |" in md and "| - |" in md  # vanilla has no insertions column value
+
+
+def test_sign_test_is_the_exact_binomial_and_ignores_nothing_it_is_given():
+    assert evaluation.sign_test(0, 0) == 1.0
+    assert evaluation.sign_test(0, 5) == pytest.approx(2 / 32) == evaluation.sign_test(5, 0)
+    assert evaluation.sign_test(3, 3) == 1.0
+    assert evaluation.sign_test(2, 10) == pytest.approx(2 * sum(math.comb(12, i) for i in range(3)) / 2 ** 12)
