@@ -462,7 +462,8 @@ def cross_domain_table(base, cfg, summaries):
     os.makedirs(os.path.dirname(os.path.abspath(base)), exist_ok=True)
     with open(base + ".jsonl", "a") as f:
         for spec, s in summaries.items():
-            f.write(json.dumps({"row": row, "data": data_label(spec), "pass@1": s["pass@1"], "n": s["n"],
+            score = {k: s[k] for k in ("mean_score", "score_stderr") if k in s}  # an agent task's episodes
+            f.write(json.dumps({"row": row, "data": data_label(spec), "pass@1": s["pass@1"], "n": s["n"], **score,
                                 "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M")}) + "\n")
     cells = {}
     with open(base + ".jsonl") as f:
@@ -472,11 +473,17 @@ def cross_domain_table(base, cfg, summaries):
                 cells[(r["row"], r["data"])] = r
     rows = list(dict.fromkeys(r for r, _ in cells))
     cols = list(dict.fromkeys(d for _, d in cells))
-    lines = ["| row | " + " | ".join(f"{d} pass@1" for d in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    # an agent task's column: success rate (its pass@1) and the mean score 0-100 with its standard error
+    scored = {d for (_, d), c in cells.items() if "mean_score" in c}
+
+    def cell(c):
+        return f"{100 * c['pass@1']:.1f} (n={c['n']})" + (
+            f", score {c['mean_score']:.1f} ± {c['score_stderr']:.1f}" if "mean_score" in c else "")
+
+    lines = ["| row | " + " | ".join(f"{d} success, mean score" if d in scored else f"{d} pass@1" for d in cols)
+             + " |", "|---" * (len(cols) + 1) + "|"]
     for r in rows:
-        lines.append(f"| {r} | " + " | ".join(
-            f"{100 * cells[r, d]['pass@1']:.1f} (n={cells[r, d]['n']})" if (r, d) in cells else "" for d in cols)
-            + " |")
+        lines.append(f"| {r} | " + " | ".join(cell(cells[r, d]) if (r, d) in cells else "" for d in cols) + " |")
     write_atomic(base + ".md", "\n".join(lines) + "\n")
     paths = [base + ".md"]
     plt = pyplot("evaluation")

@@ -372,7 +372,11 @@ def test_sft_on_trajectories_then_eval_episodes_through_the_entry_points(tiny, t
     folder = next((tmp_path / "out" / "eval").iterdir())
     assert folder.name.endswith("-max_turns2-turn_tokens6-max_context256")  # the episode settings name the folder
     assert len((folder / "results.jsonl").read_text().splitlines()) == 3
-    assert "fakeworld pass@1" in (tmp_path / "table.md").read_text()
+    # an agent task's column: success (its pass@1) and the mean score with its standard error
+    table = (tmp_path / "table.md").read_text()
+    assert "| fakeworld success, mean score |" in table
+    assert (f"| {100 * s['success_rate']:.1f} (n=3), score {s['mean_score']:.1f} ± {s['score_stderr']:.1f} |"
+            in table)
 
 
 def test_a_missing_scienceworld_package_is_one_clear_message(monkeypatch):
