@@ -171,9 +171,9 @@ def report(res, resamples, seed):
             lines.append(f"| {label} | " + " | ".join(f"{100 * d:+.1f} [{100 * a:+.1f}, {100 * b:+.1f}]"
                                                       for d, a, b in zip(diff, lo, hi)) + " |")
     if S == 1 and len(labels) > 1:  # greedy runs: each problem solved or not, paired with the baseline
-        what = ("success (score 100) against {}, episode by episode" if "episodes" in res[base] else
-                "against {}, problem by problem").format(base)
-        lines += ["", f"{what[0].upper()}{what[1:]} (exact two-sided McNemar test of the discordant pairs):", "",
+        what = (f"Success (score 100) against {base}, episode by episode" if "episodes" in res[base] else
+                f"Against {base}, problem by problem")
+        lines += ["", f"{what} (exact two-sided McNemar test of the discordant pairs):", "",
                   "| run | pass@1 | lost | gained | p |", "|---|---|---|---|---|"]
         for label in labels[1:]:
             # with one sample a problem's pass@1 is 1 (solved) or 0 (not, or skipped)
@@ -190,9 +190,6 @@ def episode_tables(res, body, resamples, seed):
     labels = list(res)
     base = labels[0]
 
-    def per_turn(e, key):
-        return "-" if key not in e else f"{e[key]:.2f}"
-
     lines = ["", "Episodes (score 0-100 each; success = 100); insertions per turn with those inside replies in "
              "brackets; how the episodes ended:", "",
              "| run | episodes | mean score | s.e. | success | turns per episode | wasted turns | insertions per turn | "
@@ -200,9 +197,8 @@ def episode_tables(res, body, resamples, seed):
     for label in labels:
         e = res[label]["episodes"]
         body["runs"][label]["episodes"] = e
-        ins = per_turn(e, "insertions_per_turn")
-        if ins != "-":
-            ins += f" ({per_turn(e, 'inference_insertions_per_turn')})"
+        ins = (f"{e['insertions_per_turn']:.2f} ({e['inference_insertions_per_turn']:.2f})"
+               if "insertions_per_turn" in e else "-")  # MemGen runs only
         lines.append(f"| {label} | {res[label]['n']} | {e['mean_score']:.1f} | {e['score_stderr']:.1f} | "
                      f"{100 * e['success_rate']:.1f} % | {e['turns_per_episode']:.1f} | "
                      f"{100 * e['wasted_turn_rate']:.0f} % | {ins} | "
@@ -217,7 +213,7 @@ def episode_tables(res, body, resamples, seed):
         a = res[base]["scores"]
         for label in labels[1:]:
             b = res[label]["scores"]
-            diff = sum(b) / len(b) - sum(a) / len(a)
+            diff = res[label]["episodes"]["mean_score"] - res[base]["episodes"]["mean_score"]
             higher = sum(y > x for x, y in zip(a, b))
             lower = sum(y < x for x, y in zip(a, b))
             p = evaluation.sign_test(lower, higher)
@@ -264,8 +260,12 @@ def main(argv=None):
         body["runs_given"] = cfg["runs"]
         if os.path.dirname(cfg["out"]):
             os.makedirs(os.path.dirname(cfg["out"]), exist_ok=True)
-        title = ("pass@k against k" if body["k"] != [1] else "pass@1, paired problem by problem"
-                 if not any("episodes" in r for r in body["runs"].values()) else "episodes, paired episode by episode")
+        if body["k"] != [1]:
+            title = "pass@k against k"
+        elif any("episodes" in r for r in body["runs"].values()):
+            title = "episodes, paired episode by episode"
+        else:
+            title = "pass@1, paired problem by problem"
         write_atomic(cfg["out"] + ".md", f"# {title}\n\n`python passk.py --runs={cfg['runs']}`\n\n" + md)
         write_json(cfg["out"] + ".json", body)
         png = plot(res, cfg["out"] + ".png") if cfg["plots"] else None

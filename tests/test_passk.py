@@ -210,7 +210,7 @@ def test_episode_runs_get_mean_score_and_a_paired_sign_test(tmp_path):
     assert "| 2.00 (1.00) |" in md and "| - |" in md  # vanilla has no insertions column value
 
 
-def test_sign_test_is_the_exact_binomial_and_ignores_nothing_it_is_given():
+def test_sign_test_is_the_exact_two_sided_binomial_and_symmetric():
     assert evaluation.sign_test(0, 0) == 1.0
     assert evaluation.sign_test(0, 5) == pytest.approx(2 / 32) == evaluation.sign_test(5, 0)
     assert evaluation.sign_test(3, 3) == 1.0
