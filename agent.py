@@ -393,7 +393,8 @@ def record(ep):
 
 def summarize(records, memgen_rows=False):
     """Mean score (0-100), success rate (score 100, also reported as pass@1 for the cross-domain table), turns per
-    episode, wasted turns, reply tokens per turn, MemGen's insertions per turn (memgen_rows), and how episodes ended."""
+    episode, wasted and repeated turns, reply tokens per turn, MemGen's insertions per turn (memgen_rows), and how
+    episodes ended."""
     n = len(records)
     turns = [t for r in records for t in r["turns"]]
     out = dict(n=n, samples=1, skipped=0)
@@ -404,6 +405,10 @@ def summarize(records, memgen_rows=False):
                            if n > 1 else 0.0)
     out["turns_per_episode"] = len(turns) / n if n else 0.0
     out["wasted_turn_rate"] = sum(t["action"] is None for t in turns) / len(turns) if turns else 0.0
+    # a small greedy policy tends to copy its last reply when the observation repeats too: the share of turns after
+    # an episode's first whose action is the one just before it (wasted turns never count)
+    later = [(a["action"], b["action"]) for r in records for a, b in zip(r["turns"], r["turns"][1:])]
+    out["repeated_action_rate"] = (sum(b is not None and a == b for a, b in later) / len(later)) if later else 0.0
     out["tokens_per_turn"] = sum(t["tokens"] for t in turns) / len(turns) if turns else 0.0
     if memgen_rows:
         out["insertions_per_turn"] = sum(len(t["insertions"]) for t in turns) / len(turns)

@@ -293,6 +293,18 @@ def test_an_unparseable_reply_is_a_wasted_turn_and_the_turn_limit_holds(tiny):
     assert all(t["action"] is None and t["observation"] == agent.WASTED for e in eps for t in e["turns"])
     assert all(env.steps == 0 for env in envs)  # the environment was never stepped
     assert agent.summarize([agent.record(e) for e in eps])["wasted_turn_rate"] == 1.0
+    assert agent.summarize([agent.record(e) for e in eps])["repeated_action_rate"] == 0.0  # wasted never repeat
+
+
+def test_repeated_actions_count_turns_equal_to_the_one_before_within_an_episode():
+    def rec(*actions):
+        return {"score": 0, "success": False, "end": "turn_limit",
+                "turns": [{"action": a, "tokens": 1, "insertions": []} for a in actions]}
+
+    # pairs: (a, a) repeats; (a, b), (b, None), (None, None), (None, b) do not; nothing pairs across episodes
+    s = agent.summarize([rec("a", "a", "b", None, None, "b"), rec("b"), rec("b", "c")])
+    assert s["repeated_action_rate"] == pytest.approx(1 / 6)
+    assert agent.summarize([rec("x")])["repeated_action_rate"] == 0.0  # no turn after a first one
 
 
 def test_killed_evaluation_resumes_per_episode(tiny, tmp_path):

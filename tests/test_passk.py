@@ -196,6 +196,7 @@ def test_episode_runs_get_mean_score_and_a_paired_sign_test(tmp_path):
     want = agent.summarize(recs, memgen_rows=True)
     assert e["mean_score"] == pytest.approx(want["mean_score"]) and e["score_stderr"] == want["score_stderr"] > 0
     assert e["insertions_per_turn"] == 2 and e["inference_insertions_per_turn"] == 1
+    assert e["repeated_action_rate"] == want["repeated_action_rate"] == 0.5  # odd episodes repeat "look around"
     assert body["runs"]["memgen"]["pass@k"] == [2 / 8] and body["runs"]["vanilla"]["pass@k"] == [1 / 8]
     c = body["runs"]["memgen"]["score_minus_baseline"]
     assert c["diff"] == pytest.approx((sum(other) - sum(base)) / 8)
@@ -207,7 +208,7 @@ def test_episode_runs_get_mean_score_and_a_paired_sign_test(tmp_path):
     assert md.startswith("# episodes, paired episode by episode")
     assert "| vanilla | 8 | 25.0 |" in md and "| memgen | 37.2 | +12.2 [" in md and "| 4 | 1 | 3 | 0.375 |" in md
     assert "Success (score 100) against vanilla, episode by episode" in md
-    assert "| 2.00 (1.00) |" in md and "| - |" in md  # vanilla has no insertions column value
+    assert "| 50 % | 50 % | 2.00 (1.00) |" in md and "| - |" in md  # vanilla has no insertions column value
 
 
 def test_sign_test_is_the_exact_two_sided_binomial_and_symmetric():
