@@ -29,7 +29,7 @@ Read top to bottom:
                           NLL of the agent's own tokens only
 
 An environment is any object with
-    reset(row) -> (task description, first observation)
+    reset(row) -> (task description, first observation, score 0..100 before any action)
     step(action) -> (observation, score 0..100, done)
     close()
 data/scienceworld.py makes ScienceWorld ones (make_env); tests/test_agent.py has a small fake one.
@@ -322,9 +322,11 @@ def run_episodes(policy, tok, mode, envs, rows, messages, max_turns=MAX_TURNS, t
     dec = Decoder(model, tok, mg, len(rows), max_context, trigger_mode, gen)
     episodes, active, segs = [], [], []
     for r, (env, row) in enumerate(zip(envs, rows)):
-        question, observation = env.reset(row)
+        # the score before any action: ScienceWorld gives partial credit for some starting states, which an episode
+        # that never acts (every turn wasted) keeps, as one whose actions change nothing does
+        question, observation, score = env.reset(row)
         prompt = tok.chat(messages(dict(row, question=question, observation=observation)))
-        ep = dict(id=str(row["id"]), question=question, score=0, success=False, end=None, turns=[], ids=list(prompt),
+        ep = dict(id=str(row["id"]), question=question, score=score, success=False, end=None, turns=[], ids=list(prompt),
                   agent=[False] * len(prompt), points=[], prompt_points=[])
         episodes.append(ep)
         if len(prompt) + room > max_context:

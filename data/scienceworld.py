@@ -67,16 +67,18 @@ class Env:
     def reset(self, row):
         self.env.load(row["task"], int(row["variation"]), SIMPLIFICATIONS)
         observation, _ = self.env.reset()
-        return self.env.get_task_description(), observation
+        return self.env.get_task_description(), observation, self.score()  # some tasks score their start state
+
+    def score(self):
+        return int(round(100 * self.env.server.getScore()))
 
     def step(self, action):
         # the server's own step: ScienceWorldEnv.step also lists every valid action, each step (0.3 s)
-        server = self.env.server
-        observation = server.step(action)
-        score = int(round(100 * server.getScore()))
+        observation = self.env.server.step(action)
+        score = self.score()
         if score < 0:  # a failed task (e.g. focus on the wrong object): the episode ends, scored 0
             return observation, 0, True
-        return observation, score, bool(server.getCompleted())
+        return observation, score, bool(self.env.server.getCompleted())
 
     def close(self):
         """Stop the simulator and wait for its Java process to exit: the package's own __del__ closes once more and,

@@ -20,15 +20,17 @@ K = 4
 
 
 class FakeEnv:
-    """A toy world: an episode lasts row["length"] steps (then done, score 100); each step scores 10 x its number
-    and echoes the action, so what the agent writes changes what it reads next."""
+    """A toy world: an episode lasts row["length"] steps (then done, score 100); it scores START before any action
+    and 10 x its number after each step, and echoes the action, so what the agent writes changes what it reads next."""
+
+    START = 5
 
     def __init__(self, fail_after=None):
         self.fail_after, self.steps, self.closed = fail_after, 0, False
 
     def reset(self, row):
         self.n, self.length = 0, row["length"]
-        return f"Reach step {self.length}.", f"You are in room {row['id']}. It is quiet."
+        return f"Reach step {self.length}.", f"You are in room {row['id']}. It is quiet.", self.START
 
     def step(self, action):
         self.steps += 1
@@ -80,10 +82,10 @@ def naive_episode(policy, tok, mode, row, max_turns, turn_tokens, max_context, t
     model = mg.model if mg is not None else policy
     V = min(tok.vocab_size, model.cfg.vocab_size)
     env = FakeEnv()
-    question, observation = env.reset(row)
+    question, observation, score = env.reset(row)
     ids = tok.chat(messages(dict(row, question=question, observation=observation)))
     seq = model.embed(torch.tensor(ids))
-    points, actions, score, end = [], [], 0, None
+    points, actions, end = [], [], None
     room = turn_tokens + (K * (mg.n + 1) if mg is not None and trigger_mode != "off" else 0) + 1
 
     def insert(is_prompt):
@@ -292,6 +294,7 @@ def test_an_unparseable_reply_is_a_wasted_turn_and_the_turn_limit_holds(tiny):
     assert all(e["end"] == "turn_limit" and len(e["turns"]) == 2 for e in eps)  # a random model writes no action
     assert all(t["action"] is None and t["observation"] == agent.WASTED for e in eps for t in e["turns"])
     assert all(env.steps == 0 for env in envs)  # the environment was never stepped
+    assert all(e["score"] == FakeEnv.START for e in eps)  # and the episode keeps the score of its start
     assert agent.summarize([agent.record(e) for e in eps])["wasted_turn_rate"] == 1.0
     assert agent.summarize([agent.record(e) for e in eps])["repeated_action_rate"] == 0.0  # wasted never repeat
 

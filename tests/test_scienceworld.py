@@ -35,8 +35,8 @@ def test_gold_trajectory_completes_the_task(env, tmp_path, monkeypatch):
     assert g["score"] == 100 and len(g["turns"]) > 3
     assert "living thing" in g["question"] and g["observation"].startswith("This room is called")
     assert scienceworld.gold(ROW, None) == g  # the second time from the cache, no simulator needed
-    question, observation = env.reset(ROW)  # reset starts the same episode again
-    assert (question, observation) == (g["question"], g["observation"])
+    question, observation, score = env.reset(ROW)  # reset starts the same episode again
+    assert (question, observation, score) == (g["question"], g["observation"], 0)
     assert env.step("xyzzy")[0] == "No known action matches that input."
 
 
