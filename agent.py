@@ -326,8 +326,8 @@ def run_episodes(policy, tok, mode, envs, rows, messages, max_turns=MAX_TURNS, t
         # that never acts (every turn wasted) keeps, as one whose actions change nothing does
         question, observation, score = env.reset(row)
         prompt = tok.chat(messages(dict(row, question=question, observation=observation)))
-        ep = dict(id=str(row["id"]), question=question, score=score, success=False, end=None, turns=[], ids=list(prompt),
-                  agent=[False] * len(prompt), points=[], prompt_points=[])
+        ep = dict(id=str(row["id"]), question=question, score=score, success=False, end=None, turns=[],
+                  ids=list(prompt), agent=[False] * len(prompt), points=[], prompt_points=[])
         episodes.append(ep)
         if len(prompt) + room > max_context:
             finish(ep, "context", on_end)

@@ -5,7 +5,7 @@ the whole episode.
 
     python docs/agent-sw/floor.py
 
-Needs Java and the scienceworld package (docs/agent.md); one simulator, about a minute. Writes
+Needs Java and the scienceworld package (docs/agent.md); one simulator, about 20 seconds. Writes
 docs/agent-sw/floor.json: per episode the three scores, and their means over the 30.
 """
 
