@@ -31,10 +31,10 @@ def main():
     scores = {}
     try:
         for r in rows:
-            scores[r["id"]] = {"start": env.reset(r)[2]}
-            for action in ACTIONS:
-                env.reset(r)
-                scores[r["id"]][action] = env.step(action)[1]
+            s = scores[r["id"]] = {}
+            for action in ACTIONS:  # each from a fresh start, whose score reset gives (the same every time)
+                s["start"] = env.reset(r)[2]
+                s[action] = env.step(action)[1]
     finally:
         env.close()
     out = {"episodes": len(rows), "mean": {a: sum(s[a] for s in scores.values()) / len(rows)
