@@ -395,8 +395,8 @@ def record(ep):
 
 def summarize(records, memgen_rows=False):
     """Mean score (0-100), success rate (score 100, also reported as pass@1 for the cross-domain table), turns per
-    episode, wasted and repeated turns, reply tokens per turn, MemGen's insertions per turn (memgen_rows), and how
-    episodes ended."""
+    episode, wasted, repeated and revisited turns, reply tokens per turn, MemGen's insertions per turn (memgen_rows),
+    and how episodes ended."""
     n = len(records)
     turns = [t for r in records for t in r["turns"]]
     out = dict(n=n, samples=1, skipped=0)
@@ -411,6 +411,11 @@ def summarize(records, memgen_rows=False):
     # an episode's first whose action is the one just before it (wasted turns never count)
     later = [(a["action"], b["action"]) for r in records for a, b in zip(r["turns"], r["turns"][1:])]
     out["repeated_action_rate"] = (sum(b is not None and a == b for a, b in later) / len(later)) if later else 0.0
+    # it misses loops (open door, close door, open door): the share of those turns whose action the episode has
+    # already taken on any earlier turn
+    seen = [t["action"] in {u["action"] for u in r["turns"][:i]} for r in records
+            for i, t in enumerate(r["turns"]) if i and t["action"] is not None]
+    out["revisited_action_rate"] = sum(seen) / len(later) if later else 0.0
     out["tokens_per_turn"] = sum(t["tokens"] for t in turns) / len(turns) if turns else 0.0
     if memgen_rows:
         out["insertions_per_turn"] = sum(len(t["insertions"]) for t in turns) / len(turns)

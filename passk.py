@@ -111,8 +111,8 @@ def episodes(label, run, recs):
 
 # multi-turn runs: agent.summarize's names
 EPISODE_KEYS = ("mean_score", "score_stderr", "success_rate", "turns_per_episode", "wasted_turn_rate",
-                "repeated_action_rate", "insertions_per_turn", "inference_insertions_per_turn", "end_done",
-                "end_turn_limit", "end_context")
+                "repeated_action_rate", "revisited_action_rate", "insertions_per_turn", "inference_insertions_per_turn",
+                "end_done", "end_turn_limit", "end_context")
 
 
 # MemGen runs: how often memory was inserted, and a learned trigger's p(insert) (evaluation.summarize's names)
@@ -194,7 +194,8 @@ def episode_tables(res, body, resamples, seed):
     lines = ["", "Episodes (score 0-100 each; success = 100); insertions per turn with those inside replies in "
              "brackets; how the episodes ended:", "",
              "| run | episodes | mean score | s.e. | success | turns per episode | wasted turns | repeated actions | "
-             "insertions per turn | done / turn limit / context |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "revisited actions | insertions per turn | done / turn limit / context |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for label in labels:
         e = res[label]["episodes"]
         body["runs"][label]["episodes"] = e
@@ -202,7 +203,8 @@ def episode_tables(res, body, resamples, seed):
                if "insertions_per_turn" in e else "-")  # MemGen runs only
         lines.append(f"| {label} | {res[label]['n']} | {e['mean_score']:.1f} | {e['score_stderr']:.1f} | "
                      f"{100 * e['success_rate']:.1f} % | {e['turns_per_episode']:.1f} | "
-                     f"{100 * e['wasted_turn_rate']:.0f} % | {100 * e['repeated_action_rate']:.0f} % | {ins} | "
+                     f"{100 * e['wasted_turn_rate']:.0f} % | {100 * e['repeated_action_rate']:.0f} % | "
+                     f"{100 * e['revisited_action_rate']:.0f} % | {ins} | "
                      f"{e['end_done']} / {e['end_turn_limit']} / {e['end_context']} |")
     if len(labels) > 1:
         lines += ["", f"Against {base}, episode by episode: the mean score difference in points"

@@ -308,6 +308,14 @@ def test_repeated_actions_count_turns_equal_to_the_one_before_within_an_episode(
     s = agent.summarize([rec("a", "a", "b", None, None, "b"), rec("b"), rec("b", "c")])
     assert s["repeated_action_rate"] == pytest.approx(1 / 6)
     assert agent.summarize([rec("x")])["repeated_action_rate"] == 0.0  # no turn after a first one
+    # revisits: turn 2 (a seen), turn 6 (b seen at turn 3); None never counts; nothing is seen across episodes
+    assert s["revisited_action_rate"] == pytest.approx(2 / 6)
+
+
+def test_revisited_actions_count_loops_that_repeats_miss():
+    turns = [{"action": a, "tokens": 1, "insertions": []} for a in ("open", "close", "open", "close", "go")]
+    s = agent.summarize([{"score": 0, "success": False, "end": "turn_limit", "turns": turns}])
+    assert s["repeated_action_rate"] == 0.0 and s["revisited_action_rate"] == pytest.approx(2 / 4)
 
 
 def test_killed_evaluation_resumes_per_episode(tiny, tmp_path):

@@ -197,6 +197,7 @@ def test_episode_runs_get_mean_score_and_a_paired_sign_test(tmp_path):
     assert e["mean_score"] == pytest.approx(want["mean_score"]) and e["score_stderr"] == want["score_stderr"] > 0
     assert e["insertions_per_turn"] == 2 and e["inference_insertions_per_turn"] == 1
     assert e["repeated_action_rate"] == want["repeated_action_rate"] == 0.5  # odd episodes repeat "look around"
+    assert e["revisited_action_rate"] == want["revisited_action_rate"] == 0.5  # two turns: a revisit is a repeat
     assert body["runs"]["memgen"]["pass@k"] == [2 / 8] and body["runs"]["vanilla"]["pass@k"] == [1 / 8]
     c = body["runs"]["memgen"]["score_minus_baseline"]
     assert c["diff"] == pytest.approx((sum(other) - sum(base)) / 8)
