@@ -264,7 +264,7 @@ def fit(run, step_fn, validate, save, load):
     if run.main:
         os.makedirs(run.out_dir, exist_ok=True)
         write_json(os.path.join(run.out_dir, "config.json"), cfg)
-    log = Log(os.path.join(run.out_dir, "log.jsonl"), run.main, fresh=not run.resume)
+    log = Log(os.path.join(run.out_dir, "log.jsonl"), run.main, fresh=not run.resume, resumed=step)
     what = f"prompts x {cfg['group']} rollouts" if run.rl else "examples"
     run.say(f"{cfg.get('method', 'trigger')} on {len(run.train_set)} examples ({run.skipped} over max_len skipped), "
             f"{total} steps of {cfg['batch_size']} {what}, {sum(p.numel() for p in run.params):,} trainable "
@@ -483,10 +483,22 @@ def save_final(out_dir, save):
 
 class Log:
     """log.jsonl, one line per event, flushed at once (a killed run keeps what it logged); a fresh run starts it
-    anew, a resumed one appends."""
+    anew, a run resumed at step `resumed` appends after dropping the lines logged past that step (a killed run
+    logs steps after its last checkpoint; the resumed run does them again, and each step should appear once)."""
 
-    def __init__(self, path, active, fresh):
-        self.f = open(path, "w" if fresh else "a") if active else None
+    def __init__(self, path, active, fresh, resumed=0):
+        self.f = None
+        if not active:
+            return
+        if not fresh and os.path.exists(path):
+            with open(path) as f:
+                lines = f.readlines()
+            keep = [line for line in lines if line.endswith("\n") and json.loads(line).get("step", 0) <= resumed]
+            if len(keep) < len(lines):  # rewritten whole (temp + rename), so a kill here loses nothing
+                with open(path + ".tmp", "w") as f:
+                    f.writelines(keep)
+                os.replace(path + ".tmp", path)
+        self.f = open(path, "w" if fresh else "a")
 
     def __call__(self, **row):
         if self.f:

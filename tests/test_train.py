@@ -42,7 +42,7 @@ def log_rows(out):
 
 
 def step_losses(out):
-    """{step: loss} of the training lines; a step logged twice (a killed run, then its resume) keeps the last."""
+    """{step: loss} of the training lines."""
     return {r["step"]: r["loss"] for r in log_rows(out) if "loss" in r}
 
 
@@ -550,6 +550,24 @@ def test_sigkill_then_resume_continues_exactly(folder, task, tmp_path):
     for s in range(start + 1, 13):
         assert a[s] == b[s], (s, a[s], b[s])
     assert max(b) >= start + 2
+    steps = [r["step"] for r in log_rows(run) if "loss" in r]
+    assert steps == sorted(set(steps)), steps  # steps done again after the kill are logged once
+
+
+def test_a_resumed_log_drops_what_was_logged_after_its_checkpoint(tmp_path):
+    """A run killed at step 5 with its last checkpoint at step 3 logged steps 4 and 5 (and a cut-off line); resumed at
+    step 3, it does them again, so its log keeps steps up to 3 and appends from there. A fresh log starts empty."""
+    path = str(tmp_path / "log.jsonl")
+    lines = [json.dumps({"event": "start", "step": 0})] + [json.dumps({"step": s, "loss": 1.0 / s}) for s in range(1, 6)]
+    Path(path).write_text("\n".join(lines) + '\n{"step": 6, "lo')
+    log = training.Log(path, True, fresh=False, resumed=3)
+    log(event="start", step=3)
+    log(step=4, loss=0.5)
+    log.f.close()
+    assert [(r.get("event"), r["step"]) for r in log_rows(tmp_path)] == [
+        ("start", 0), (None, 1), (None, 2), (None, 3), ("start", 3), (None, 4)]
+    training.Log(path, True, fresh=True).f.close()
+    assert Path(path).read_text() == ""
 
 
 def test_torchrun_two_processes_equal_one(folder, task, tmp_path):
