@@ -35,7 +35,7 @@ import evaluation
 import loading
 import memgen
 import settings
-from files import write_json
+from files import write_atomic, write_json
 from model import set_graphs
 
 SEED_STRIDE = 1_000_003  # every step re-seeds from (seed, step, rank): a resumed run draws what the whole run would
@@ -495,9 +495,7 @@ class Log:
                 lines = f.readlines()
             keep = [line for line in lines if line.endswith("\n") and json.loads(line).get("step", 0) <= resumed]
             if len(keep) < len(lines):  # rewritten whole (temp + rename), so a kill here loses nothing
-                with open(path + ".tmp", "w") as f:
-                    f.writelines(keep)
-                os.replace(path + ".tmp", path)
+                write_atomic(path, "".join(keep))
         self.f = open(path, "w" if fresh else "a")
 
     def __call__(self, **row):
